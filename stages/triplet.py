@@ -1,0 +1,32 @@
+"""Stage triplet: fine-tune the softmax model with the triplet loss on cosine similarity (triplet.* params)."""
+from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.params import load_params
+from voiceprint.runtime import configure_tensorflow, load_model
+
+
+def main() -> None:
+    p = load_params().section("triplet")
+    args = dict(alpha=p.float("alpha", min=0.0, max=2.0), epochs=p.int("epochs", min=1),
+                steps_per_epoch=p.int("steps_per_epoch", min=1),
+                speakers_per_batch=p.int("speakers_per_batch", min=2),
+                utterances_per_speaker=p.int("utterances_per_speaker", min=2), frames=p.int("frames", min=16),
+                lr=p.float("lr", min=0.0, min_exclusive=True), seed=p.int("seed", min=0))
+    configure_tensorflow(args["seed"])
+    from voiceprint.splits import read_split
+    from voiceprint.store import FeatureStore
+    from voiceprint.training import train_triplet
+
+    store = FeatureStore.open("data/features")
+    split, _ = read_split("data/model_inputs")
+    model = load_model("models/softmax.keras", what="softmax model")
+    trained = train_triplet(model, store, split, **args)
+    save_keras_model(trained.model, "models/triplet.keras")
+    write_csv("plots/triplet.csv", trained.history)
+    last = trained.history.iloc[-1]
+    write_metrics("metrics/triplet.json", {
+        "epochs": len(trained.history), "steps": len(trained.history) * args["steps_per_epoch"],
+        "train_loss": last["loss"], "val_loss": last.get("val_loss")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+import pytest
+
+from voiceprint.params import Params, ParamsError, load_params
+
+
+def section(**values):
+    return Params({"softmax": values}).section("softmax")
+
+
+def test_valid_values_are_returned_typed():
+    p = section(epochs=3, lr=0.01, filters=[8, 16], name="x", flag=True)
+    assert p.int("epochs", min=1) == 3
+    assert p.float("lr", min=0, min_exclusive=True) == 0.01
+    assert p.int_list("filters", min=1) == [8, 16]
+    assert p.str("name", choices=["x"]) == "x"
+    assert p.bool("flag") is True
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.int("epochs"), "softmax.epochs: expected an integer, got 'ten'"),
+    (lambda p: p.int("zero", min=1), "softmax.zero: must be >= 1, got 0"),
+    (lambda p: p.float("lr", min=0, min_exclusive=True), "softmax.lr: must be > 0"),
+    (lambda p: p.int("missing"), "softmax.missing: missing"),
+    (lambda p: p.str("kind", choices=["a", "b"]), "softmax.kind: must be one of a, b; got 'c'"),
+    (lambda p: p.int_list("filters"), "softmax.filters: expected a list of at least 1 integers"),
+    (lambda p: p.int("flag"), "softmax.flag: expected an integer, got True"),
+])
+def test_bad_values_name_the_dotted_key(call, message):
+    p = section(epochs="ten", zero=0, lr=0.0, kind="c", filters=[], flag=True)
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(p)
+
+
+def test_load_params_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="data: expected a section"):
+        Params({"data": 3}).section("data")
+
+
+def test_repo_params_file_is_valid():
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    assert params.section("tdnn").int("units", min=1) > 0

@@ -1,0 +1,3 @@
+"""voiceprint: Deep Speaker speaker embeddings as a reproducible DVC pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Heads trained on top of a (frozen) embedding model.
+
+``dense``: the head the original author settled on, made trainable with a speaker-discriminative objective:
+``layers`` x (Dense ``units`` ReLU -> BatchNorm -> Dropout), then Dense ``output_dim``. Their version was fitted
+with an MSE to nothing, which cannot separate speakers; here the loss comes from ``voiceprint.losses``.
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def dense_head(*, input_dim: int, units: int, layers_count: int, dropout: float, output_dim: int) -> keras.Model:
+    """(batch, input_dim) -> (batch, output_dim), not normalised (the loss or ``attach_head`` normalises)."""
+    inputs = keras.Input((input_dim,), name="head_input")
+    x = inputs
+    for i in range(layers_count):
+        x = layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
+        x = layers.BatchNormalization(name=f"head_bn_{i}")(x)
+        x = layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
+    outputs = layers.Dense(output_dim, name="head_output")(x)
+    return keras.Model(inputs, outputs, name="dense_head")
+
+
+def attach_head(base: keras.Model, head: keras.Model, name: str = "base_with_head") -> keras.Model:
+    """One model from features to the L2-normalised head embedding: ``ln(head(base(x)))``."""
+    inputs = keras.Input(base.input_shape[1:], name="input")
+    x = head(base(inputs))
+    outputs = layers.UnitNormalization(axis=-1, name="head_ln")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,112 @@
+"""Writing stage outputs: atomically (temporary name, then rename), deterministically, with versions recorded.
+
+A stage killed half-way must never leave a file that looks finished, and the same inputs and seed must give the
+same bytes, so DVC sees "unchanged" and its run cache works.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import voiceprint
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path (file or directory) that replaces ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(path: str | Path, frame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what produced a result, stored beside every metrics file (strings, under one key)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "voiceprint": voiceprint.__version__}
+    for dist in ("numpy", "librosa", "soundfile", "pandas", "tensorflow-cpu", "tensorflow", "keras", "dvc"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[dist] = md.version(dist)
+    return versions
+
+
+def _missing(value) -> bool:
+    import math
+
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def to_builtin(value):
+    """numpy scalars/arrays -> plain Python, so metrics JSON holds numbers, never strings or numpy reprs."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        # Absent numbers are left out rather than written as null/NaN: metrics hold numbers only.
+        return {str(k): to_builtin(v) for k, v in value.items() if not _missing(v)}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_builtin(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if np.isnan(value) else float(value)
+    return value
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """Small JSON for git: the numbers, plus the software versions that produced them under ``versions``."""
+    payload = dict(to_builtin(metrics))
+    payload["versions"] = software_versions()
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def save_keras_model(model, path: str | Path) -> None:
+    """Save a ``.keras`` archive atomically and byte-reproducibly.
+
+    Keras stamps the save date into metadata.json and the zip entries; we drop the date and fix the entry times
+    so identical weights give an identical file (DVC then sees an unchanged output).
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        raw = tmp.with_name("raw.keras")
+        model.save(raw)
+        with zipfile.ZipFile(raw) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+            for name in sorted(src.namelist()):
+                data = src.read(name)
+                if name == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                dst.writestr(info, data)
+        raw.unlink()

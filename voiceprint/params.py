@@ -1,0 +1,114 @@
+"""Typed, validated access to params.yaml.
+
+Stages read their section through :class:`Params`, which fails at once with a message naming the dotted key
+(``softmax.epochs: expected an integer >= 1, got 'ten'``) instead of failing deep inside training.
+Values are never evaluated, only type-checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing, of the wrong type, or out of range. The message names the key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> "Params":
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return Params(data, source=str(path))
+
+
+class Params:
+    """A read-only view of one params mapping; every getter validates and names the dotted key on error."""
+
+    def __init__(self, data: dict, prefix: str = "", source: str = "params.yaml"):
+        self._data = data
+        self._prefix = prefix
+        self._source = source
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def _fail(self, name: str, why: str) -> ParamsError:
+        return ParamsError(f"{self._source}: {self._key(name)}: {why}")
+
+    def section(self, name: str) -> "Params":
+        value = self._get(name)
+        if not isinstance(value, dict):
+            raise self._fail(name, f"expected a section (mapping), got {value!r}")
+        return Params(value, prefix=self._key(name) + ".", source=self._source)
+
+    def _get(self, name: str, default: Any = ...) -> Any:
+        if name not in self._data:
+            if default is ...:
+                raise self._fail(name, "missing")
+            return default
+        return self._data[name]
+
+    def int(self, name: str, *, min: int | None = None, max: int | None = None, default: Any = ...) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(name, f"expected an integer, got {value!r}")
+        self._check_range(name, value, min, max)
+        return value
+
+    def float(self, name: str, *, min: float | None = None, max: float | None = None,
+              min_exclusive: bool = False, default: Any = ...) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(name, f"expected a number, got {value!r}")
+        value = float(value)
+        if min_exclusive and min is not None and value <= min:
+            raise self._fail(name, f"must be > {min}, got {value}")
+        self._check_range(name, value, None if min_exclusive else min, max)
+        return value
+
+    def bool(self, name: str, default: Any = ...) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise self._fail(name, f"expected true or false, got {value!r}")
+        return value
+
+    def str(self, name: str, *, choices: Sequence[str] | None = None, default: Any = ...) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str):
+            raise self._fail(name, f"expected a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self._fail(name, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def int_list(self, name: str, *, min_len: int = 1, min: int | None = None) -> list[int]:
+        value = self._get(name)
+        if not isinstance(value, list) or len(value) < min_len or any(
+                isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise self._fail(name, f"expected a list of at least {min_len} integers, got {value!r}")
+        for v in value:
+            self._check_range(name, v, min, None)
+        return list(value)
+
+    def str_list(self, name: str, *, choices: Sequence[str] | None = None) -> list[str]:
+        value = self._get(name)
+        if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+            raise self._fail(name, f"expected a list of strings, got {value!r}")
+        if choices is not None:
+            bad = [v for v in value if v not in choices]
+            if bad:
+                raise self._fail(name, f"unknown value(s) {bad}; valid: {', '.join(choices)}")
+        return list(value)
+
+    def _check_range(self, name, value, lo, hi) -> None:
+        if lo is not None and value < lo:
+            raise self._fail(name, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise self._fail(name, f"must be <= {hi}, got {value}")
