@@ -1,0 +1,109 @@
+"""End to end: the real ``dvc repro`` / ``dvc exp run`` / ``dvc metrics diff`` on a temporary copy of the repo
+with tiny params. Checks which stages run for which change, and what the metrics contain."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+ALL_STAGES = {"download", "mfcc", "model_inputs", "softmax", "triplet", "tdnn_head", "evaluate"}
+
+TINY = {
+    "data": {"speakers": 8, "utterances_per_speaker": 4, "min_seconds": 1.0, "max_seconds": 1.5},
+    "model_inputs": {"eval_speakers": 3, "max_nontarget_trials": 1000},
+    "softmax": {"filters": [4, 8, 8, 8], "blocks": 1, "embedding_dim": 16, "frames": 64, "epochs": 2,
+                "batch_size": 8},
+    "triplet": {"epochs": 1, "steps_per_epoch": 2, "speakers_per_batch": 4, "utterances_per_speaker": 2,
+                "frames": 64},
+    "tdnn": {"units": 16, "output_dim": 8, "epochs": 2, "batch_size": 16, "crops_per_utterance": 2,
+             "frames": 64},
+    "evaluate": {"bootstrap": 20},
+}
+
+
+def _tracked_files():
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f]
+
+
+def run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("pipeline")
+    for rel in _tracked_files():
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("data/", "models/", "metrics/", "plots/")) \
+                and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "init", "-q", "-b", "main"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "tiny"], dst, env)
+    return dst, env
+
+
+def test_repro_then_experiments(repo):
+    root, env = repo
+    first = run(["dvc", "repro"], root, env)
+    assert stages_run(first) == ALL_STAGES
+    report = json.loads((root / "metrics/eval.json").read_text())
+    for system in ("softmax", "base", "head", "mfcc_baseline"):
+        r = report[system]
+        assert 0 <= r["eer"] <= 1 and 0 <= r["min_dcf"] <= 1.0 + 1e-9
+        assert r["target_trials"] == 3 * 6 and r["nontarget_trials"] == 66 - 18
+        assert r["eer_ci95_low"] <= r["eer"] <= r["eer_ci95_high"]
+        assert set(r["original_protocol"]) >= {"f_measure", "tpr", "accuracy"}
+    assert isinstance(report["head_minus_base_eer"], float)
+    assert "tensorflow-cpu" in report["versions"] or "tensorflow" in report["versions"]
+    for name in ("softmax", "triplet", "tdnn_head"):
+        assert (root / f"models/{name}.keras").is_file()
+        assert (root / f"plots/{name}.csv").is_file()
+
+    again = run(["dvc", "repro"], root, env)
+    assert stages_run(again) == set()
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline run"], root, env)
+
+    def experiment(*assignment):
+        run(["git", "checkout", "--", "."], root, env)
+        run(["dvc", "checkout", "-q"], root, env)
+        args = [a for kv in assignment for a in ("-S", kv)]
+        return stages_run(run(["dvc", "exp", "run", *args], root, env))
+
+    assert experiment("tdnn.units=24") == {"tdnn_head", "evaluate"}
+    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], root, env))
+    changed = diff["metrics/eval.json"]
+    assert {"base.eer", "head.eer"} <= set(changed)
+    assert set(changed["head.eer"]) == {"old", "new", "diff"}
+
+    # A large margin so the tiny model's loss differs (with a zero loss, identical weights would rightly
+    # let DVC skip everything downstream).
+    assert experiment("triplet.alpha=1.0") == {"triplet", "tdnn_head", "evaluate"}
+    assert experiment("data.seed=99") == ALL_STAGES
