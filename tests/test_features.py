@@ -1,0 +1,284 @@
+"""Tests for voiceprint.features: parity with the original features, known values, batch extraction."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from voiceprint import features as F
+from voiceprint.audio import AudioError, load_audio
+from voiceprint.features import (
+    FEATURE_KINDS,
+    extract,
+    fbank_original,
+    featurize_file,
+    featurize_many,
+    logmel_cmn,
+    mfcc_stats,
+    num_frames,
+    trim_silence_original,
+)
+
+
+def _shared_dir() -> Path:
+    return Path(os.environ.get("VOICEPRINT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+SHARED = _shared_dir()
+PARITY = SHARED / "reference" / "parity"
+META = json.loads((PARITY / "meta.json").read_text()) if (PARITY / "meta.json").is_file() else None
+needs_shared = pytest.mark.skipif(META is None, reason=f"shared reference data not found at {SHARED}")
+
+
+def _speechy(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """Noise bursts with a harmonic tone, between quiet gaps: trims and featurizes like speech."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    envelope = (np.sin(2 * np.pi * 2.0 * t) > 0).astype(np.float32) * 0.5 + 0.01
+    x = envelope * (np.sin(2 * np.pi * (150 + 50 * seed) * t) + 0.3 * rng.standard_normal(n))
+    return (0.4 * x / np.abs(x).max()).astype(np.float32)
+
+
+# --- parity with the original implementation ------------------------------------
+
+
+@needs_shared
+@pytest.mark.parametrize("key", sorted(META["files"]) if META else [])
+def test_fbank_norm_matches_original_fixture(key):
+    reference = np.load(PARITY / "features" / f"{key}.npy")
+    signal = load_audio(SHARED / META["files"][key], 16000)
+    got = fbank_original(trim_silence_original(signal), 16000)
+    assert got.dtype == np.float32
+    assert got.shape == reference.shape == (META["frames"][key], 64)
+    assert np.abs(got - reference).max() <= 1e-4
+    # the registry path and featurize_file give the same thing
+    np.testing.assert_array_equal(extract(signal, "fbank_norm"), got)
+    feats, base = featurize_file(SHARED / META["files"][key], "fbank_norm")
+    np.testing.assert_array_equal(feats, got)
+    assert base.shape == (40,)
+
+
+# --- framing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, expected", [(1, 1), (100, 1), (399, 1), (400, 1), (401, 2), (560, 2), (561, 3), (720, 3), (721, 4)]
+)
+def test_frame_count(n, expected):
+    assert num_frames(n) == expected
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    assert fbank_original(x).shape == (expected, 64)
+    assert logmel_cmn(x).shape == (expected, 64)
+
+
+def test_frame_count_formula_on_long_signal():
+    for n in range(16000, 16400, 37):
+        assert num_frames(n) == 1 + int(np.ceil((n - 400) / 160))
+
+
+# --- fbank_original ----------------------------------------------------------------
+
+
+def test_fbank_per_frame_normalisation():
+    feats = fbank_original(_speechy(1.0))
+    assert feats.dtype == np.float32 and feats.shape == (99, 64)
+    np.testing.assert_allclose(feats.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(feats.std(axis=1), 1.0, atol=1e-5)
+
+
+def test_fbank_zero_signal_gives_zero_frames():
+    # all-zero energies -> eps everywhere -> std 0 -> divided by 1e-12 -> zeros (no NaN)
+    feats = fbank_original(np.zeros(1000, dtype=np.float32))
+    assert np.array_equal(feats, np.zeros((5, 64), dtype=np.float32))
+
+
+def _htk_band_of(freq: float, num_bands: int = 64, sr: int = 16000) -> int:
+    """Index of the HTK-mel triangle whose centre is nearest to freq (independent of the implementation)."""
+    mel = 2595 * np.log10(1 + freq / 700)
+    spacing = 2595 * np.log10(1 + (sr / 2) / 700) / (num_bands + 1)
+    return int(round(mel / spacing)) - 1
+
+
+@pytest.mark.parametrize("freq", [250, 1000, 3000, 6000])
+def test_fbank_pure_tone_peaks_in_expected_band(freq):
+    t = np.arange(16000) / 16000
+    x = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    feats = fbank_original(x)
+    assert np.all(feats.argmax(axis=1) == _htk_band_of(freq))
+
+
+def test_fbank_float64_input_and_int_input():
+    x = _speechy(0.5)
+    np.testing.assert_allclose(fbank_original(x.astype(np.float64)), fbank_original(x), atol=1e-4)
+    assert fbank_original((x * 32767).astype(np.int16)).shape == fbank_original(x).shape
+
+
+# --- logmel_cmn ----------------------------------------------------------------------
+
+
+def test_logmel_cmn_zero_mean_per_band():
+    feats = logmel_cmn(_speechy(2.0))
+    assert feats.dtype == np.float32 and feats.shape == (num_frames(32000), 64)
+    np.testing.assert_allclose(feats.mean(axis=0), 0.0, atol=1e-4)
+    assert feats.std(axis=0).min() > 0  # not degenerate
+
+
+def test_logmel_cmn_matches_librosa_computation():
+    librosa = pytest.importorskip("librosa")
+    n = 400 + 160 * 49  # exactly 50 frames, no tail padding
+    x = _speechy(1.0)[:n]
+    # librosa centres the 400-sample window in a 512-sample frame: pad 56 zeros each side
+    # so that its frame t covers exactly our samples [160 t, 160 t + 400).
+    padded = np.pad(x, (56, 56))
+    stft = librosa.stft(padded, n_fft=512, hop_length=160, win_length=400, window="hann", center=False)
+    mel = librosa.feature.melspectrogram(S=np.abs(stft) ** 2, sr=16000, n_mels=64, fmin=20, fmax=8000)
+    expected = np.log(mel + 1e-6).T
+    expected -= expected.mean(axis=0)
+    got = logmel_cmn(x)
+    assert got.shape == expected.shape == (50, 64)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+# --- trimming --------------------------------------------------------------------------
+
+
+def test_trim_keeps_span_between_first_and_last_loud_sample():
+    x = np.full(1000, 0.001, dtype=np.float32)
+    x[100], x[300], x[700] = 0.5, -0.8, 0.3  # 3 loud samples < 5%: threshold = 0.001
+    trimmed = trim_silence_original(x)
+    np.testing.assert_array_equal(trimmed, x[100:700])  # last loud sample excluded, as in the original
+
+
+def test_trim_threshold_is_95th_percentile():
+    x = np.full(1000, 0.001, dtype=np.float32)
+    x[200:260] = 0.5  # 6% loud: threshold interpolates to 0.5, nothing strictly above it...
+    x[210], x[250] = 0.9, 0.9  # ...except these two
+    np.testing.assert_array_equal(trim_silence_original(x), x[210:250])
+
+
+@pytest.mark.parametrize("case", ["zeros", "one_loud", "constant", "empty"])
+def test_trim_degenerate_cases_return_input(case):
+    x = {
+        "zeros": np.zeros(500, dtype=np.float32),
+        "one_loud": np.eye(1, 500, 123, dtype=np.float32)[0],
+        "constant": np.full(500, 0.2, dtype=np.float32),
+        "empty": np.zeros(0, dtype=np.float32),
+    }[case]
+    np.testing.assert_array_equal(trim_silence_original(x), x)
+
+
+# --- registry and baseline ---------------------------------------------------------------
+
+
+def test_registry_and_extract():
+    assert set(FEATURE_KINDS) == {"fbank_norm", "logmel_cmn"}
+    x = _speechy(1.0)
+    trimmed = trim_silence_original(x)
+    np.testing.assert_array_equal(extract(x, "fbank_norm"), fbank_original(trimmed))
+    np.testing.assert_array_equal(extract(x, "logmel_cmn"), logmel_cmn(trimmed))
+    with pytest.raises(ValueError, match="fbank_norm.*logmel_cmn"):
+        extract(x, "mfcc39")
+
+
+def test_mfcc_stats_is_mean_and_std_of_librosa_mfcc():
+    librosa = pytest.importorskip("librosa")
+    x = _speechy(1.0)
+    vec = mfcc_stats(x)
+    assert vec.dtype == np.float32 and vec.shape == (40,)
+    m = librosa.feature.mfcc(y=x, sr=16000, n_mfcc=20, n_fft=400, hop_length=160, n_mels=64)
+    np.testing.assert_allclose(vec, np.concatenate([m.mean(axis=1), m.std(axis=1)]), rtol=1e-5, atol=1e-4)
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _write_wav(path: Path, x: np.ndarray, sr: int = 16000) -> str:
+    sf.write(str(path), x, sr, subtype="PCM_16")
+    return str(path)
+
+
+def test_featurize_file_shapes_and_kinds(tmp_path):
+    p = _write_wav(tmp_path / "a.wav", _speechy(1.5))
+    y = load_audio(p)
+    for kind in FEATURE_KINDS:
+        feats, base = featurize_file(p, kind)
+        np.testing.assert_array_equal(feats, extract(y, kind))
+        np.testing.assert_array_equal(base, mfcc_stats(trim_silence_original(y)))
+    with pytest.raises(ValueError, match="valid kinds"):
+        featurize_file(p, "nope")
+
+
+def test_featurize_file_too_short_after_trim(tmp_path):
+    x = np.full(8000, 0.001, dtype=np.float32)
+    x[1000:1300] = 0.5 * np.sin(np.arange(300))  # loud span of ~300 samples: 1 frame after trim
+    p = _write_wav(tmp_path / "click.wav", x)
+    with pytest.raises(AudioError) as info:
+        featurize_file(p, "fbank_norm")
+    assert info.value.reason == "too_short" and p in str(info.value)
+
+
+def _mixed_corpus(tmp_path: Path) -> tuple[list[str], dict[int, str]]:
+    paths, bad = [], {}
+    for i in range(6):
+        paths.append(_write_wav(tmp_path / f"good{i}.wav", _speechy(0.8 + 0.1 * i, seed=i)))
+    text = tmp_path / "text.wav"
+    text.write_text("not audio")
+    bad[2] = "unreadable"
+    paths.insert(2, str(text))
+    bad[5] = "silent"
+    paths.insert(5, _write_wav(tmp_path / "silent.wav", np.zeros(8000, dtype=np.float32)))
+    bad[8] = "missing"
+    paths.insert(8, str(tmp_path / "missing.wav"))
+    return paths, bad
+
+
+def test_featurize_many_reports_bad_files_and_continues(tmp_path):
+    paths, bad = _mixed_corpus(tmp_path)
+    results = list(featurize_many(paths, "fbank_norm", workers=1, progress=False))
+    assert [r[0] for r in results] == list(range(len(paths)))
+    for index, feats, base, reason, message in results:
+        if index in bad:
+            assert feats is None and base is None
+            assert reason == bad[index] and paths[index] in message
+        else:
+            assert reason is None and message is None
+            np.testing.assert_array_equal(feats, featurize_file(paths[index], "fbank_norm")[0])
+            assert base.shape == (40,)
+
+
+def test_featurize_many_workers_2_equals_workers_1(tmp_path):
+    paths, _ = _mixed_corpus(tmp_path)
+    one = list(featurize_many(paths, "logmel_cmn", workers=1, progress=False))
+    two = list(featurize_many(paths, "logmel_cmn", workers=2, progress=False))
+    assert len(one) == len(two) == len(paths)
+    for a, b in zip(one, two):
+        assert a[0] == b[0] and a[3:] == b[3:]
+        for x, y in ((a[1], b[1]), (a[2], b[2])):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+
+
+def test_featurize_many_unexpected_exception_becomes_error(tmp_path, monkeypatch):
+    paths = [_write_wav(tmp_path / "a.wav", _speechy(1.0)), _write_wav(tmp_path / "b.wav", _speechy(1.0, seed=1))]
+
+    def boom(path, *args, **kwargs):
+        if path.endswith("a.wav"):
+            raise RuntimeError("kaboom")
+        return np.zeros((2, 64), np.float32), np.zeros(40, np.float32)
+
+    monkeypatch.setattr(F, "featurize_file", boom)
+    results = list(featurize_many(paths, "fbank_norm", workers=1, progress=False))
+    assert results[0][3] == "error" and "kaboom" in results[0][4] and paths[0] in results[0][4]
+    assert results[1][3] is None
+
+
+def test_featurize_many_rejects_unknown_kind_up_front():
+    with pytest.raises(ValueError, match="valid kinds"):
+        next(featurize_many(["x.wav"], "nope", workers=1, progress=False))
