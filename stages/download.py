@@ -3,6 +3,7 @@ from voiceprint.corpus import MANIFEST_COLUMNS, SOURCES, check_source, synthetic
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import default_workers
+from voiceprint.stage import run_stage
 
 RAW = "data/raw"
 
@@ -28,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

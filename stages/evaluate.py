@@ -2,11 +2,10 @@
 
 Systems: the softmax-only model, the base (triplet) model, base+head, and the no-training MFCC baseline.
 """
-import numpy as np
-
 from voiceprint.outputs import write_csv, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow, load_model
+from voiceprint.stage import run_stage
 
 MODELS = {"softmax": "models/softmax.keras", "base": "models/triplet.keras", "head": "models/tdnn_head.keras"}
 
@@ -54,5 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
-    main()
+    run_stage(main)

@@ -3,7 +3,6 @@
 Bad files are listed in data/features/rejected.csv with their reason and counted in metrics/features.json;
 the stage fails only when too little usable audio remains.
 """
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from voiceprint.features import FEATURE_KINDS, featurize_many
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import default_workers
+from voiceprint.stage import run_stage
 from voiceprint.store import StoreWriter
 
 RAW = Path("data/raw")
@@ -44,9 +44,9 @@ def main() -> None:
             print(f"  rejected {r['path']}: {r['reason']}: {r['message']}")
         usable = index.groupby("speaker").size()
         if (usable >= 2).sum() < 2:
-            sys.exit(f"mfcc: too little usable audio: {len(index)} of {len(manifest)} files usable, "
-                     f"{(usable >= 2).sum()} speaker(s) with >= 2 utterances (need 2); "
-                     f"see the rejected files listed above")
+            raise ValueError(f"too little usable audio: {len(index)} of {len(manifest)} files usable, "
+                             f"{(usable >= 2).sum()} speaker(s) with >= 2 utterances (need 2); "
+                             f"{len(rejected)} file(s) rejected, listed above")
     elapsed = time.perf_counter() - started
     reasons = pd.Series([r["reason"] for r in rejected], dtype=str).value_counts().to_dict()
     write_metrics("metrics/features.json", {
@@ -58,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -4,6 +4,7 @@ import pandas as pd
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import load_params
 from voiceprint.splits import make_trials, split_utterances
+from voiceprint.stage import run_stage
 
 INDEX = "data/features/index.csv"
 OUT = "data/model_inputs"
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -2,6 +2,7 @@
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow, load_model
+from voiceprint.stage import run_stage
 
 
 def main() -> None:
@@ -29,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,0 +1,79 @@
+"""Stage scripts on bad input: clear one-line errors naming the key or file; bad files listed, not fatal."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from voiceprint.corpus import synthetic
+
+
+def run_stage(name, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO), VOICEPRINT_WORKERS="2", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+
+
+def write_params(root, **sections):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    raw = tmp_path / "data/raw"
+    manifest = synthetic.generate(raw, num_speakers=3, utterances_per_speaker=2, min_seconds=1.0, max_seconds=1.2,
+                                  seed=0)
+    return tmp_path, raw, manifest
+
+
+def test_mfcc_lists_bad_files_and_keeps_going(corpus):
+    root, raw, manifest = corpus
+    (raw / "corrupt.flac").write_bytes(b"fLaC this is not audio")
+    (raw / "empty.wav").write_bytes(b"")
+    bad = pd.DataFrame([["corrupt.flac", "spk0000", "bad-1", 1.0, 16000], ["empty.wav", "spk0001", "bad-2", 1.0, 16000]],
+                       columns=manifest.columns)
+    pd.concat([manifest, bad]).to_csv(raw / "manifest.csv", index=False)
+    write_params(root)
+    proc = run_stage("mfcc", root)
+    assert proc.returncode == 0, proc.stderr
+    rejected = pd.read_csv(root / "data/features/rejected.csv")
+    assert dict(zip(rejected.path, rejected.reason)) == {"corrupt.flac": "unreadable", "empty.wav": "empty"}
+    assert all("corrupt.flac" in m or "empty.wav" in m for m in rejected.message)
+    metrics = json.loads((root / "metrics/features.json").read_text())
+    assert metrics["utterances_kept"] == len(manifest) and metrics["rejected"] == 2
+    assert metrics["rejected_by_reason"] == {"unreadable": 1, "empty": 1}
+    assert "rejected corrupt.flac: unreadable" in proc.stdout
+
+
+def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
+    root, raw, manifest = corpus
+    manifest[manifest.speaker == "spk0000"].to_csv(raw / "manifest.csv", index=False)
+    write_params(root)
+    proc = run_stage("mfcc", root)
+    assert proc.returncode == 1
+    assert "error: stage mfcc: too little usable audio: 2 of 2 files usable, 1 speaker(s)" in proc.stderr
+    assert not (root / "data/features").exists()   # nothing half-written
+
+
+@pytest.mark.parametrize("stage, section, values, message", [
+    ("softmax", "softmax", {"epochs": "ten"}, "softmax.epochs: expected an integer, got 'ten'"),
+    ("triplet", "triplet", {"alpha": -0.1}, "triplet.alpha: must be >= 0.0, got -0.1"),
+    ("tdnn_head", "tdnn", {"loss": "mse"}, "tdnn.loss: must be one of softmax, triplet; got 'mse'"),
+    ("mfcc", "features", {"kind": "mfcc"}, "features.kind: must be one of fbank_norm, logmel_cmn; got 'mfcc'"),
+    ("download", "data", {"speakers": 1}, "data.speakers: must be >= 2, got 1"),
+    ("download", "data", {"source": "librispeech"}, "data.source='librispeech'"),
+    ("evaluate", "evaluate", {"p_target": 2}, "evaluate.p_target: must be <= 1.0"),
+])
+def test_bad_params_fail_at_once_naming_the_key(tmp_path, stage, section, values, message):
+    write_params(tmp_path, **{section: values})
+    proc = run_stage(stage, tmp_path)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
