@@ -20,10 +20,17 @@ CONV_L2 = 1e-4             # the original's kernel regulariser on every Conv2D
 
 
 class _Namer:
-    """Numbers the clipped ReLUs ``clipped_relu_0..`` in creation order, as the original does."""
+    """Numbers the clipped ReLUs ``clipped_relu_0..`` and the adds ``add, add_1..`` in creation order, as the
+    original's fresh session does (Keras would otherwise number them per process)."""
 
     def __init__(self):
         self.relu = 0
+        self.adds = 0
+
+    def add(self, tensors):
+        name = "add" if self.adds == 0 else f"add_{self.adds}"
+        self.adds += 1
+        return layers.Add(name=name)(tensors)
 
     def clipped_relu(self, x):
         x = layers.ReLU(max_value=CLIP_VALUE, name=f"clipped_relu_{self.relu}")(x)
@@ -51,7 +58,7 @@ def _identity_block(x, filters, stage, block, namer):
     x = _conv(x, filters, 3, 1, f"{prefix}_2b")
     x = _bn(x, f"{prefix}_2b_bn")
     x = namer.clipped_relu(x)
-    x = layers.Add()([x, shortcut])
+    x = namer.add([x, shortcut])
     return namer.clipped_relu(x)
 
 
