@@ -1,4 +1,5 @@
 """Stage softmax: ResCNN pre-trained with softmax over the training speakers (softmax.* params)."""
+from voiceprint.checkpoint import check_architecture, init_checkpoint_path
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow
@@ -12,6 +13,10 @@ def main() -> None:
                 epochs=p.int("epochs", min=1), batch_size=p.int("batch_size", min=2),
                 lr=p.float("lr", min=0.0, min_exclusive=True), dropout=p.float("dropout", min=0.0, max=0.95),
                 seed=p.int("seed", min=0))
+    init = init_checkpoint_path(p.str("init_checkpoint"), "softmax.init_checkpoint")
+    if init is not None:
+        check_architecture(init, "softmax.init_checkpoint", filters=args["filters"], blocks=args["blocks"],
+                           embedding_dim=args["embedding_dim"])
     configure_tensorflow(args["seed"])
     from voiceprint.splits import read_split
     from voiceprint.store import FeatureStore
@@ -19,7 +24,7 @@ def main() -> None:
 
     store = FeatureStore.open("data/features")
     split, _ = read_split("data/model_inputs")
-    trained = train_softmax(store, split, **args)
+    trained = train_softmax(store, split, init_checkpoint=init, **args)
     save_keras_model(trained.model, "models/softmax.keras")
     write_csv("plots/softmax.csv", trained.history)
     last = trained.history.iloc[-1]

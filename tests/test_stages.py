@@ -70,6 +70,10 @@ def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
     ("download", "data", {"speakers": 1}, "data.speakers: must be >= 2, got 1"),
     ("download", "data", {"source": "librispeech"}, "data.source='librispeech'"),
     ("evaluate", "evaluate", {"p_target": 2}, "evaluate.p_target: must be <= 1.0"),
+    ("softmax", "softmax", {"init_checkpoint": "checkpoints/none.h5"},
+     "softmax.init_checkpoint: checkpoint file checkpoints/none.h5 not found"),
+    ("triplet", "triplet", {"init_checkpoint": "/tmp/x.h5"},
+     "triplet.init_checkpoint: '/tmp/x.h5' must be a relative path inside checkpoints/"),
 ])
 def test_bad_params_fail_at_once_naming_the_key(tmp_path, stage, section, values, message):
     write_params(tmp_path, **{section: values})
@@ -77,3 +81,18 @@ def test_bad_params_fail_at_once_naming_the_key(tmp_path, stage, section, values
     assert proc.returncode == 1
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_softmax_init_checkpoint_of_another_size_names_the_params(tmp_path, shared_dir):
+    import gzip
+    import shutil
+
+    (tmp_path / "checkpoints").mkdir()
+    with gzip.open(shared_dir / "reference/rescnn_reference_random.h5.gz") as src, \
+            open(tmp_path / "checkpoints/ref.h5", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    write_params(tmp_path, softmax={"init_checkpoint": "checkpoints/ref.h5"})
+    proc = run_stage("softmax", tmp_path)
+    assert proc.returncode == 1
+    assert "softmax.init_checkpoint: checkpoints/ref.h5 holds a ResCNN with {'filters': [64, 128, 256, 512], " \
+           "'blocks': 3, 'embedding_dim': 512}" in proc.stderr

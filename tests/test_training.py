@@ -70,3 +70,20 @@ def test_triplet_and_head_training(tiny):
         assert len(head.history) == 2
     # the base stays frozen under the head (BatchNorm statistics included)
     assert _weights(trained.model) == frozen
+
+
+def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
+    from voiceprint.checkpoint import export_original_weights
+    from voiceprint.models import build_rescnn
+    from voiceprint.training import train_softmax
+
+    store, split = tiny
+    configure_tensorflow(3)
+    source, _ = build_rescnn(filters=TINY_MODEL["filters"], blocks=1, embedding_dim=8)
+    for w in source.weights:
+        w.assign(np.random.default_rng(0).normal(size=w.shape).astype("float32") * 0.1 + (w.name == "moving_variance"))
+    export_original_weights(source, tmp_path / "init.h5")
+    trained = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-12, seed=3, verbose=0,
+                            init_checkpoint=tmp_path / "init.h5", **TINY_MODEL)
+    kernel = trained.model.get_layer("affine").kernel
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(source.get_layer("affine").kernel), atol=1e-6)

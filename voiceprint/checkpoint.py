@@ -328,3 +328,47 @@ def export_original_weights(model, path, *, keras_version: str = ORIGINAL_KERAS_
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+
+_STAGE_CONV = re.compile(r"^conv(\d+)-s(\d*)$")
+_BLOCK = re.compile(r"^res1_(\d+)_branch_2a$")
+
+
+def architecture_of(path) -> dict:
+    """The ResCNN size an original-format checkpoint holds: ``{"filters", "blocks", "embedding_dim"}``, read from
+    its layer names and shapes (stage convs ``conv{F}-s``, blocks ``res1_{b}_branch_2a``, Dense ``affine``)."""
+    path = Path(path)
+    _, _, _, weighted = read_original_layout(path)      # in layer_names order = model order
+    filters = [int(m.group(1)) for name in weighted if (m := _STAGE_CONV.match(name))]
+    blocks = sum(1 for name in weighted if _BLOCK.match(name))
+    if not filters or "affine" not in weighted:
+        raise CheckpointError(f"{path}: not a Deep Speaker ResCNN checkpoint (no conv*-s / affine layers)")
+    return {"filters": filters, "blocks": blocks, "embedding_dim": int(weighted["affine"].shapes[0][1])}
+
+
+CHECKPOINT_DIR = Path("checkpoints")
+
+
+def init_checkpoint_path(value: str, key: str) -> Path | None:
+    """Validate an ``*.init_checkpoint`` param: empty = train from scratch; otherwise an existing file under
+    ``checkpoints/`` (that folder is a declared DVC dependency, so replacing the file reruns the stage)."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_absolute() or CHECKPOINT_DIR not in path.parents:
+        raise CheckpointError(f"{key}: {value!r} must be a relative path inside {CHECKPOINT_DIR}/ "
+                              "(copy the file there so DVC tracks it)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: checkpoint file {value} not found")
+    return path
+
+
+def check_architecture(path: Path, key: str, *, filters, blocks: int, embedding_dim: int) -> None:
+    """Fail, naming the params, when a checkpoint's ResCNN size differs from the configured one."""
+    found = architecture_of(path)
+    wanted = {"filters": list(filters), "blocks": blocks, "embedding_dim": embedding_dim}
+    if found != wanted:
+        raise CheckpointError(f"{key}: {path} holds a ResCNN with {found}, but params.yaml configures {wanted}; "
+                              "set softmax.filters/blocks/embedding_dim to the checkpoint's size")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from voiceprint.batching import ClassificationBatches, SpeakerBatches, VectorSpeakerBatches
+from voiceprint.checkpoint import import_original_weights
 from voiceprint.embedding import embed_arrays
 from voiceprint.losses import get_loss
 from voiceprint.models import attach_head, build_head, build_rescnn
@@ -36,13 +37,18 @@ def _history(hist: keras.callbacks.History) -> pd.DataFrame:
 
 def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: int, embedding_dim: int,
                   frames: int, epochs: int, batch_size: int, lr: float, dropout: float, seed: int,
-                  verbose: int = 2) -> Trained:
-    """Softmax over the training speakers; validation = held-out utterances of the same speakers."""
+                  init_checkpoint=None, verbose: int = 2) -> Trained:
+    """Softmax over the training speakers; validation = held-out utterances of the same speakers.
+
+    ``init_checkpoint``: an original-format Deep Speaker ``.h5`` to start from (its classifier is skipped when
+    the speaker count differs)."""
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
     num_classes = int(train_lab.max()) + 1
     embedding, classifier = build_rescnn(filters=filters, blocks=blocks, embedding_dim=embedding_dim,
                                          num_bands=store.num_bands, num_classes=num_classes, dropout=dropout)
+    if init_checkpoint is not None:
+        print(import_original_weights(classifier, init_checkpoint).summary())
     classifier.compile(optimizer=keras.optimizers.Adam(lr), loss=get_loss("softmax"),
                        metrics=["accuracy"], jit_compile=False)
     train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed)
