@@ -64,6 +64,9 @@ def repo(tmp_path_factory):
                DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
     run(["git", "init", "-q", "-b", "main"], dst, env)
+    # A machine without a global git identity (CI) must still be able to commit experiments.
+    run(["git", "config", "user.name", "voiceprint tests"], dst, env)
+    run(["git", "config", "user.email", "tests@voiceprint.invalid"], dst, env)
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "tiny"], dst, env)
     return dst, env
