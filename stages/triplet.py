@@ -8,7 +8,7 @@ from voiceprint.stage import run_stage
 
 def main() -> None:
     p = load_params().section("triplet")
-    args = dict(alpha=p.float("alpha", min=0.0, max=2.0), epochs=p.int("epochs", min=1),
+    args = dict(alpha=p.float("alpha", min=0.0, max=2.0), epochs=p.int("epochs", min=0),
                 steps_per_epoch=p.int("steps_per_epoch", min=1),
                 speakers_per_batch=p.int("speakers_per_batch", min=2),
                 utterances_per_speaker=p.int("utterances_per_speaker", min=2), frames=p.int("frames", min=16),
@@ -32,10 +32,10 @@ def main() -> None:
     trained = train_triplet(model, store, split, **args)
     save_keras_model(trained.model, "models/triplet.keras")
     write_csv("plots/triplet.csv", trained.history)
-    last = trained.history.iloc[-1]
+    last = trained.history.iloc[-1] if len(trained.history) else {}
     write_metrics("metrics/triplet.json", {
         "epochs": len(trained.history), "steps": len(trained.history) * args["steps_per_epoch"],
-        "train_loss": last["loss"], "val_loss": last.get("val_loss")})
+        "train_loss": last.get("loss"), "val_loss": last.get("val_loss")})
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ def test_triplet_and_head_training(tiny):
                             utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
     assert _weights(trained.model) != before
     assert list(trained.history.columns[:2]) == ["epoch", "loss"]
+    same = train_triplet(trained.model, store, split, alpha=0.5, epochs=0, steps_per_epoch=3,
+                         speakers_per_batch=3, utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
+    assert same.model is trained.model and len(same.history) == 0     # epochs=0: evaluate as it is
     frozen = _weights(trained.model)
     for loss in ("softmax", "triplet"):
         head = train_head(trained.model, store, split, kind="dense", units=8, layers_count=2, dropout=0.1,

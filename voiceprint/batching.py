@@ -45,63 +45,55 @@ class ClassificationBatches(keras.utils.PyDataset):
         self.epoch += 1
 
 
-class SpeakerBatches(keras.utils.PyDataset):
-    """P speakers x K utterances per batch (K drawn without replacement when a speaker has enough), random crops.
-    Label = speaker class, used by the in-batch triplet mining."""
+class _SpeakerBatches(keras.utils.PyDataset):
+    """P speakers x K items per batch (K drawn without replacement when a speaker has enough); ``items[j]`` is
+    the store position or vector row of the j-th labelled example. Subclasses turn items into inputs."""
 
-    def __init__(self, store: FeatureStore, positions, labels, *, speakers_per_batch: int,
-                 utterances_per_speaker: int, steps: int, frames: int, seed: int):
-        super().__init__(workers=1, use_multiprocessing=False)
-        self.store, self.frames, self.seed, self.steps = store, frames, seed, steps
-        self.p, self.k = speakers_per_batch, utterances_per_speaker
-        positions, labels = np.asarray(positions), np.asarray(labels)
-        self.by_speaker = {int(c): positions[labels == c] for c in np.unique(labels)}
-        self.classes = np.array(sorted(self.by_speaker))
-        if len(self.classes) < 2:
-            raise ValueError("triplet batches need at least 2 training speakers")
-        self.p = min(self.p, len(self.classes))
-        self.epoch = 0
-
-    def __len__(self):
-        return self.steps
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        speakers = rng.choice(self.classes, size=self.p, replace=False)
-        take, labels = [], []
-        for s in speakers:
-            pool = self.by_speaker[int(s)]
-            take.append(rng.choice(pool, size=self.k, replace=len(pool) < self.k))
-            labels += [int(s)] * self.k
-        return _crops(self.store, np.concatenate(take), self.frames, rng), np.asarray(labels)
-
-    def on_epoch_end(self):
-        self.epoch += 1
-
-
-class VectorSpeakerBatches(keras.utils.PyDataset):
-    """P x K batches over precomputed vectors (for training a head on a frozen embedding model)."""
-
-    def __init__(self, vectors, labels, *, speakers_per_batch: int, utterances_per_speaker: int, steps: int,
+    def __init__(self, items, labels, *, speakers_per_batch: int, utterances_per_speaker: int, steps: int,
                  seed: int):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.vectors, self.seed, self.steps = np.asarray(vectors), seed, steps
-        self.p, self.k = speakers_per_batch, utterances_per_speaker
-        labels = np.asarray(labels)
-        self.by_speaker = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        self.seed, self.steps, self.k = seed, steps, utterances_per_speaker
+        items, labels = np.asarray(items), np.asarray(labels)
+        self.by_speaker = {int(c): items[labels == c] for c in np.unique(labels)}
         self.classes = np.array(sorted(self.by_speaker))
-        self.p = min(self.p, len(self.classes))
+        if len(self.classes) < 2:
+            raise ValueError("speaker batches need at least 2 training speakers")
+        self.p = min(speakers_per_batch, len(self.classes))
         self.epoch = 0
 
     def __len__(self):
         return self.steps
 
-    def __getitem__(self, i):
+    def _draw(self, i):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         speakers = rng.choice(self.classes, size=self.p, replace=False)
-        rows = np.concatenate([rng.choice(self.by_speaker[int(s)], size=self.k,
-                                          replace=len(self.by_speaker[int(s)]) < self.k) for s in speakers])
-        return self.vectors[rows], np.repeat(speakers, self.k)
+        items = np.concatenate([rng.choice(self.by_speaker[int(s)], size=self.k,
+                                           replace=len(self.by_speaker[int(s)]) < self.k) for s in speakers])
+        return rng, items, np.repeat(speakers, self.k)
 
     def on_epoch_end(self):
         self.epoch += 1
+
+
+class SpeakerBatches(_SpeakerBatches):
+    """P x K utterances per batch, random crops; label = speaker class, used by in-batch triplet mining."""
+
+    def __init__(self, store: FeatureStore, positions, labels, *, frames: int, **kwargs):
+        super().__init__(positions, labels, **kwargs)
+        self.store, self.frames = store, frames
+
+    def __getitem__(self, i):
+        rng, positions, labels = self._draw(i)
+        return _crops(self.store, positions, self.frames, rng), labels
+
+
+class VectorSpeakerBatches(_SpeakerBatches):
+    """P x K batches over precomputed vectors (for training a head on a frozen embedding model)."""
+
+    def __init__(self, vectors, labels, **kwargs):
+        super().__init__(np.arange(len(vectors)), labels, **kwargs)
+        self.vectors = np.asarray(vectors)
+
+    def __getitem__(self, i):
+        _, rows, labels = self._draw(i)
+        return self.vectors[rows], labels

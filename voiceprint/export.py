@@ -18,11 +18,11 @@ Formats
   (``resize_tensor_input`` + ``allocate_tensors``). Float32, no quantisation. Runs on ``ai_edge_litert``'s
   interpreter where installed (checked: ai-edge-litert 2.3.0), else on TF's ``tf.lite.Interpreter`` (still in
   TF 2.21, though it warns it is deprecated; the warning is silenced). XNNPACK is applied by default.
-* **ONNX** (:func:`export_onnx`, optional): via ``tf2onnx``, which is NOT in requirements.txt. Checked in a
-  fresh venv (Python 3.11.7) on: tensorflow-cpu 2.21.0, keras 3.15.1, tf2onnx 1.17.0, onnx 1.23.2,
+* **ONNX** (:func:`export_onnx`): via ``tf2onnx`` (pinned in requirements.txt; imported only when used). Checked
+  on: tensorflow-cpu 2.21.0, keras 3.15.1, tf2onnx 1.17.0, onnx 1.23.2,
   onnxruntime 1.32.0, numpy 2.4.6, protobuf 7.36.2 (``pip check`` clean): conversion at opset 17 works with
-  dynamic batch and length, and onnxruntime matches Keras to ~2e-7 (cosine 1.0). Install those three packages to
-  use it; :func:`export_onnx` / :func:`load_onnx_embedder` raise a clear ImportError otherwise.
+  dynamic batch and length, and onnxruntime matches Keras to ~2e-7 (cosine 1.0). Without those packages
+  :func:`export_onnx` / :func:`load_onnx_embedder` raise a clear ImportError.
 
 Loading: :func:`keras_embedder`, :func:`load_savedmodel_embedder`, :func:`load_tflite_embedder` and
 :func:`load_onnx_embedder` all return an :class:`Embedder`, one callable interface
@@ -303,6 +303,43 @@ def load_onnx_embedder(path: str | Path, *, num_threads: int | None = None) -> E
                     source=str(path), backend=session)
 
 
-__all__ = ["Embedder", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
+FORMATS = ("savedmodel", "tflite", "onnx", "original_h5")
+
+
+def main(argv=None) -> int:
+    """``python -m voiceprint.export MODEL.keras --format tflite -o OUT``: convert a trained model."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m voiceprint.export", description=main.__doc__)
+    parser.add_argument("model", help="a .keras file written by the pipeline (loaded in Keras safe mode)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="original_h5 = the original Deep Speaker save_weights layout")
+    parser.add_argument("-o", "--output", required=True, help="output file (directory for savedmodel)")
+    args = parser.parse_args(argv)
+    from voiceprint.runtime import configure_tensorflow, load_model
+
+    configure_tensorflow(0)
+    try:
+        model = load_model(args.model)
+        if args.format == "original_h5":
+            from voiceprint.checkpoint import export_original_weights
+
+            out = export_original_weights(model, args.output)
+        else:
+            out = {"savedmodel": export_savedmodel, "tflite": export_tflite, "onnx": export_onnx}[args.format](
+                model, args.output)
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+__all__ = ["FORMATS", "main", "Embedder", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
            "export_onnx", "keras_embedder", "load_savedmodel_embedder", "load_tflite_embedder",
            "load_onnx_embedder"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -89,11 +89,24 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def _renumber_shared_ids(config, ids=None):
+    """Keras marks objects shared between layers with ``shared_object_id`` = Python ``id()`` of the object,
+    which differs in every process; renumber them 0, 1, ... in order of appearance (same sharing, stable bytes)."""
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {k: (ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_ids(v, ids))
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [_renumber_shared_ids(v, ids) for v in config]
+    return config
+
+
 def save_keras_model(model, path: str | Path) -> None:
     """Save a ``.keras`` archive atomically and byte-reproducibly.
 
-    Keras stamps the save date into metadata.json and the zip entries; we drop the date and fix the entry times
-    so identical weights give an identical file (DVC then sees an unchanged output).
+    Keras stamps the save date into metadata.json and the zip entries, and object ids into config.json; we drop
+    the date, fix the entry times and renumber the ids, so identical weights give an identical file in any
+    process (DVC then sees an unchanged output).
     """
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -106,6 +119,8 @@ def save_keras_model(model, path: str | Path) -> None:
                     meta = json.loads(data)
                     meta.pop("date_saved", None)
                     data = json.dumps(meta, sort_keys=True).encode()
+                elif name == "config.json":
+                    data = json.dumps(_renumber_shared_ids(json.loads(data)), sort_keys=True).encode()
                 info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
                 info.compress_type = zipfile.ZIP_DEFLATED
                 dst.writestr(info, data)

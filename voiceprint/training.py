@@ -62,7 +62,10 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
                   steps_per_epoch: int, speakers_per_batch: int, utterances_per_speaker: int, frames: int,
                   lr: float, seed: int, verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
-    Validation loss: fixed P x K batches of the held-out utterances of training speakers."""
+    Validation loss: fixed P x K batches of the held-out utterances of training speakers.
+    ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is)."""
+    if epochs == 0:
+        return Trained(model, pd.DataFrame(columns=["epoch", "loss", "val_loss"]))
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=get_loss("triplet", alpha=alpha), jit_compile=False)
