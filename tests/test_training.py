@@ -63,16 +63,42 @@ def test_triplet_and_head_training(tiny):
                          speakers_per_batch=3, utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
     assert same.model is trained.model and len(same.history) == 0     # epochs=0: evaluate as it is
     frozen = _weights(trained.model)
-    for loss in ("softmax", "triplet"):
-        head = train_head(trained.model, store, split, kind="dense", units=8, layers_count=2, dropout=0.1,
-                          output_dim=4, loss=loss, epochs=2, lr=1e-3, batch_size=8, crops_per_utterance=2,
-                          frames=32, alpha=0.2, seed=1, verbose=0)
-        out = head.model.predict(np.zeros((2, 40, 64, 1), "float32"), verbose=0)
-        assert out.shape == (2, 4)
-        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
-        assert len(head.history) == 2
+    for kind in ("dense", "frame"):
+        for loss in ("softmax", "aam_softmax", "triplet"):
+            head = train_head(trained.model, store, split, epochs=2, loss=loss, kind=kind, **HEAD)
+            out = head.model.predict(np.zeros((2, 40, 64, 1), "float32"), verbose=0)
+            assert out.shape == (2, 4)
+            np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+            assert len(head.history) == 2 and np.isfinite(head.history.loss).all()
+            assert ("accuracy" in head.history) == (loss != "triplet")
     # the base stays frozen under the head (BatchNorm statistics included)
     assert _weights(trained.model) == frozen
+
+
+HEAD = dict(units=8, layers_count=1, dropout=0.1, output_dim=4, contexts=[[-1, 0, 1], [0]], lr=1e-3,
+            batch_size=8, crops_per_utterance=2, utterances_per_speaker=2, frames=32, alpha=0.2, margin=0.2,
+            scale=10.0, train_trunk=False, trunk_lr=1e-4, seed=1, verbose=0)
+
+
+def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny):
+    from voiceprint.training import train_head, train_softmax
+
+    store, split = tiny
+    configure_tensorflow(2)
+    base = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=2, verbose=0, **TINY_MODEL).model
+    runs = []
+    for _ in range(2):
+        configure_tensorflow(2)
+        runs.append(train_head(base, store, split, kind="frame", loss="aam_softmax", epochs=2, **HEAD))
+    assert _weights(runs[0].head) == _weights(runs[1].head)
+    pd.testing.assert_frame_equal(runs[0].history, runs[1].history)
+
+    base_weights = _weights(base)
+    joint = train_head(base, store, split, kind="dense", loss="softmax", epochs=1,
+                       **{**HEAD, "train_trunk": True})
+    trunk_after = _weights(base)
+    assert trunk_after != base_weights            # the trunk trained jointly (a copy is saved with the head) ...
+    assert joint.model.get_layer("rescnn") is base and not base.trainable     # ... and is frozen again
 
 
 def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):

@@ -27,6 +27,7 @@ class ClassificationBatches(keras.utils.PyDataset):
         self.store, self.positions, self.labels = store, np.asarray(positions), np.asarray(labels)
         self.batch_size, self.frames, self.seed, self.shuffle = batch_size, frames, seed, shuffle
         self.epoch = 0
+        self._cached = (None, None)     # (epoch, permutation): one permutation per epoch, not per batch
 
     def __len__(self):
         return int(np.ceil(len(self.positions) / self.batch_size))
@@ -34,7 +35,10 @@ class ClassificationBatches(keras.utils.PyDataset):
     def _order(self):
         if not self.shuffle:
             return np.arange(len(self.positions))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.positions))
+        if self._cached[0] != self.epoch:
+            self._cached = (self.epoch,
+                            np.random.default_rng([self.seed, self.epoch]).permutation(len(self.positions)))
+        return self._cached[1]
 
     def __getitem__(self, i):
         take = self._order()[i * self.batch_size:(i + 1) * self.batch_size]
@@ -97,3 +101,28 @@ class VectorSpeakerBatches(_SpeakerBatches):
     def __getitem__(self, i):
         _, rows, labels = self._draw(i)
         return self.vectors[rows], labels
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Shuffled minibatches over in-memory arrays (a new order every epoch); ``shuffle=False``: fixed order."""
+
+    def __init__(self, x, y, *, batch_size: int, seed: int, shuffle: bool = True):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.epoch = 0
+        self._cached = (None, None)
+
+    def __len__(self):
+        return int(np.ceil(len(self.x) / self.batch_size))
+
+    def __getitem__(self, i):
+        if self._cached[0] != self.epoch:
+            n = len(self.x)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._cached = (self.epoch, order)
+        take = self._cached[1][i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[take], self.y[take]
+
+    def on_epoch_end(self):
+        self.epoch += 1

@@ -38,3 +38,46 @@ def report_system(scores: np.ndarray, trials: pd.DataFrame, embeddings: np.ndarr
         summary.update(eer_ci95_low=low, eer_ci95_high=high)
     summary["original_protocol"] = metrics.original_protocol(embeddings, list(speakers), seed=seed)
     return summary
+
+
+FUSIONS = ("none", "concat", "score")
+
+
+def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -> np.ndarray | None:
+    """Fused embeddings (one row per utterance), built so that their cosine *is* the fused score.
+
+    With unit-norm ``b`` and ``h``: ``concat`` = [b, h] / sqrt(2), whose cosine is (cos_b + cos_h) / 2;
+    ``score`` = [sqrt(w) b, sqrt(1 - w) h], whose cosine is w cos_b + (1 - w) cos_h. So ``concat`` equals ``score``
+    at w = 0.5, and either one can be stored and searched like any other embedding. ``none`` -> None.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+    if fusion == "none":
+        return None
+    w = 0.5 if fusion == "concat" else weight
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {w}")
+    unit = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in (base, head)]
+    return np.concatenate([np.sqrt(w) * unit[0], np.sqrt(1.0 - w) * unit[1]], axis=1).astype(np.float32)
+
+
+def guard_against_base(report: dict, systems=("head", "fused")) -> tuple[dict, list[str]]:
+    """``<system>_minus_base_eer`` for each system present, and a loud warning for each one worse than the base
+    (the failure the original TDNN head hid: it was never scored beside the model it was put on)."""
+    deltas, warnings = {}, []
+    base = report["base"]
+    for name in systems:
+        if name not in report:
+            continue
+        delta = report[name]["eer"] - base["eer"]
+        deltas[f"{name}_minus_base_eer"] = delta
+        if delta > 0:
+            low, high = base.get("eer_ci95_low"), base.get("eer_ci95_high")
+            beyond = high is not None and report[name]["eer"] > high
+            warnings.append(
+                f"WARNING: {name} is WORSE than the base model: EER {100 * report[name]['eer']:.2f}% vs "
+                f"{100 * base['eer']:.2f}% (+{100 * delta:.2f} points"
+                + (", outside the base's 95% interval" if beyond else
+                   ", within the base's 95% interval" if high is not None else "")
+                + "). A head must never cost recognition: check tdnn.* before using it.")
+    return deltas, warnings

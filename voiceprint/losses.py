@@ -1,6 +1,9 @@
-"""Training objectives, chosen by name.
+"""Training objectives, chosen by name, and the output layer each one trains through.
 
-``softmax``: cross-entropy over training speakers (classifier outputs logits).
+``softmax``: cross-entropy over training speakers (the classifier outputs logits).
+``aam_softmax``: additive angular margin softmax (ArcFace, Deng et al. 2019): the classifier outputs cosines to
+normalised class weights; the target class's angle gets ``+margin`` and all cosines are multiplied by ``scale``
+before the cross-entropy, so speakers must be separated by an angular margin, which is what cosine scoring uses.
 ``triplet``: the Deep Speaker loss on cosine similarity, max(s_an - s_ap + alpha, 0), with in-batch mining: the
 batch holds P speakers x K utterances; every (anchor, positive) pair of one speaker is matched with the anchor's
 hardest negative, i.e. the most similar utterance of another speaker in the batch. Mining inside the batch costs
@@ -8,12 +11,33 @@ one similarity matrix instead of the original's separate embedding passes.
 """
 from __future__ import annotations
 
+import inspect
+import math
+
 import keras
-from keras import ops
+from keras import layers, ops
 
 
-def softmax_loss(**_):
+def softmax_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def aam_softmax_loss(*, margin: float, scale: float):
+    """Loss ``(speaker_labels, cosines (batch, classes)) -> scalar``."""
+    cos_m, sin_m = math.cos(margin), math.sin(margin)
+    # Past theta = pi - margin, cos(theta + margin) would grow again; continue linearly instead (as ArcFace does).
+    threshold, linear = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def aam_softmax(y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        cos = ops.clip(ops.cast(y_pred, "float32"), -1.0 + 1e-7, 1.0 - 1e-7)
+        sin = ops.sqrt(1.0 - ops.square(cos))
+        with_margin = ops.where(cos > threshold, cos * cos_m - sin * sin_m, cos - linear)
+        target = ops.one_hot(labels, ops.shape(cos)[-1], dtype="bool")
+        return cross_entropy(labels, scale * ops.where(target, with_margin, cos))
+
+    return aam_softmax
 
 
 def triplet_loss(*, alpha: float):
@@ -34,12 +58,45 @@ def triplet_loss(*, alpha: float):
     return deep_speaker_triplet
 
 
-LOSSES = {"softmax": softmax_loss, "triplet": triplet_loss}
+@keras.saving.register_keras_serializable(package="voiceprint")
+class CosineClassifier(layers.Layer):
+    """Cosine between the normalised input and each class's normalised weight vector (for ``aam_softmax``)."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.num_classes), initializer="glorot_uniform",
+                                      name="kernel")
+
+    def call(self, x):
+        return ops.matmul(ops.normalize(x, axis=-1), ops.normalize(self.kernel, axis=0))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def get_loss(name: str, **kwargs):
+def output_layer(loss: str, num_classes: int, name: str = "head_classifier"):
+    """What a model trained with ``loss`` outputs: logits, cosines to class weights, or the normalised embedding."""
+    if loss == "softmax":
+        return layers.Dense(num_classes, name=name)
+    if loss == "aam_softmax":
+        return CosineClassifier(num_classes, name=name)
+    if loss == "triplet":
+        return layers.UnitNormalization(axis=-1, name=name)
+    raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
+
+
+LOSSES = {"softmax": softmax_loss, "aam_softmax": aam_softmax_loss, "triplet": triplet_loss}
+CLASSIFICATION = ("softmax", "aam_softmax")      # losses over speaker classes (vs. pairs within a batch)
+
+
+def get_loss(name: str, **settings):
+    """The loss called ``name``, given the settings it takes (others are ignored: e.g. ``alpha`` for softmax)."""
     try:
         factory = LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
-    return factory(**kwargs)
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in settings.items() if k in accepted})

@@ -97,6 +97,21 @@ class Params:
             self._check_range(name, v, min, None)
         return list(value)
 
+    def int_lists(self, name: str, *, check=None) -> list[list[int]]:
+        """A non-empty list of non-empty integer lists (e.g. TDNN contexts); ``check(item)`` may raise ValueError,
+        reported under this key."""
+        value = self._get(name)
+        if not isinstance(value, list) or not value or any(
+                not isinstance(item, list) or not item or any(isinstance(v, bool) or not isinstance(v, int)
+                                                              for v in item) for item in value):
+            raise self._fail(name, f"expected a list of integer lists, e.g. [[-1, 0, 1], [0]], got {value!r}")
+        for item in value:
+            try:
+                check and check(item)
+            except ValueError as exc:
+                raise self._fail(name, str(exc)) from None
+        return [list(item) for item in value]
+
     def str_list(self, name: str, *, choices: Sequence[str] | None = None) -> list[str]:
         value = self._get(name)
         if not isinstance(value, list) or any(not isinstance(v, str) for v in value):

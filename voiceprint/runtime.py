@@ -31,8 +31,11 @@ def configure_tensorflow(seed: int, threads: int | None = None):
 
 def load_model(path, *, what: str = "model"):
     """Load a ``.keras`` file in Keras safe mode (no arbitrary code), with a clear error naming the file."""
-    import keras
     from pathlib import Path
+
+    import keras
+
+    import voiceprint.models  # noqa: F401 -- registers our custom layers (e.g. StatisticsPooling) for loading
 
     path = Path(path)
     if not path.is_file():

@@ -1,19 +1,29 @@
 """Models by name: the ResCNN trunk and heads on top of it.
 
-Adding a head is one file with a builder plus one entry in ``HEADS``.
+Adding a head is one file with a builder plus one entry in ``HEADS``: (builder, the base-model tap it reads).
 """
-from voiceprint.models.heads import attach_head, dense_head
-from voiceprint.models.rescnn import CLIP_VALUE, build_rescnn
+import inspect
 
-HEADS = {"dense": dense_head}
+from voiceprint.models.heads import TAPS, attach_head, dense_head, tap_model
+from voiceprint.models.rescnn import CLIP_VALUE, build_rescnn
+from voiceprint.models.tdnn import X_VECTOR_CONTEXTS, StatisticsPooling, context_to_conv, frame_tdnn
+
+HEADS = {"dense": (dense_head, "embedding"), "frame": (frame_tdnn, "frames")}
+
+
+def head_tap(kind: str) -> str:
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}; valid: {', '.join(sorted(HEADS))}")
+    return HEADS[kind][1]
 
 
 def build_head(kind: str, **kwargs):
-    try:
-        builder = HEADS[kind]
-    except KeyError:
-        raise ValueError(f"unknown head {kind!r}; valid: {', '.join(sorted(HEADS))}") from None
-    return builder(**kwargs)
+    """Build head ``kind`` from the settings its builder takes (e.g. ``contexts`` only reaches the frame TDNN)."""
+    head_tap(kind)
+    builder = HEADS[kind][0]
+    accepted = inspect.signature(builder).parameters
+    return builder(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-__all__ = ["HEADS", "CLIP_VALUE", "attach_head", "build_head", "build_rescnn", "dense_head"]
+__all__ = ["CLIP_VALUE", "HEADS", "TAPS", "X_VECTOR_CONTEXTS", "StatisticsPooling", "attach_head", "build_head",
+           "build_rescnn", "context_to_conv", "dense_head", "frame_tdnn", "head_tap", "tap_model"]

@@ -1,13 +1,18 @@
-"""Heads trained on top of a (frozen) embedding model.
+"""Heads trained on top of a (frozen) embedding model, and how they attach to it.
 
 ``dense``: the head the original author settled on, made trainable with a speaker-discriminative objective:
 ``layers`` x (Dense ``units`` ReLU -> BatchNorm -> Dropout), then Dense ``output_dim``. Their version was fitted
 with an MSE to nothing, which cannot separate speakers; here the loss comes from ``voiceprint.losses``.
+
+A head reads one of two taps of the base model: ``embedding`` (the L2-normalised base embedding) or ``frames``
+(the trunk's frame-level sequence before the temporal mean, layer ``reshape``).
 """
 from __future__ import annotations
 
 import keras
 from keras import layers
+
+TAPS = ("embedding", "frames")
 
 
 def dense_head(*, input_dim: int, units: int, layers_count: int, dropout: float, output_dim: int) -> keras.Model:
@@ -22,9 +27,19 @@ def dense_head(*, input_dim: int, units: int, layers_count: int, dropout: float,
     return keras.Model(inputs, outputs, name="dense_head")
 
 
-def attach_head(base: keras.Model, head: keras.Model, name: str = "base_with_head") -> keras.Model:
-    """One model from features to the L2-normalised head embedding: ``ln(head(base(x)))``."""
+def tap_model(base: keras.Model, tap: str) -> keras.Model:
+    """The part of ``base`` a head reads: the whole embedding model, or features -> frame sequence."""
+    if tap == "embedding":
+        return base
+    if tap == "frames":
+        return keras.Model(base.inputs, base.get_layer("reshape").output, name="rescnn_frames")
+    raise ValueError(f"unknown tap {tap!r}; valid: {', '.join(TAPS)}")
+
+
+def attach_head(base: keras.Model, head: keras.Model, tap: str = "embedding",
+                name: str = "base_with_head") -> keras.Model:
+    """One model from features to the L2-normalised head embedding: ``ln(head(tap(base)(x)))``."""
     inputs = keras.Input(base.input_shape[1:], name="input")
-    x = head(base(inputs))
+    x = head(tap_model(base, tap)(inputs))
     outputs = layers.UnitNormalization(axis=-1, name="head_ln")(x)
     return keras.Model(inputs, outputs, name=name)
