@@ -5,8 +5,7 @@ from __future__ import annotations
 
 MANIFEST_COLUMNS = ["path", "speaker", "utterance", "duration", "sample_rate"]
 SOURCES = ("synthetic", "librispeech", "folder")
-PLANNED = {"librispeech": "LibriSpeech download (data.subsets, data.mirror)",
-           "folder": "a folder or CSV manifest of recordings (data.folder)"}
+PLANNED = {"folder": "a folder or CSV manifest of recordings (data.folder)"}
 
 
 def check_source(source: str) -> None:
@@ -14,4 +13,4 @@ def check_source(source: str) -> None:
     if source in PLANNED:
         raise NotImplementedError(
             f"data.source={source!r} ({PLANNED[source]}) is not available in this version; "
-            "use data.source=synthetic")
+            f"use one of: {', '.join(s for s in SOURCES if s not in PLANNED)}")
