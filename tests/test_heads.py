@@ -147,3 +147,19 @@ def test_heads_registry():
     assert dense.output_shape == (None, 2)
     with pytest.raises(ValueError, match="dense, frame"):
         build_head("lstm", input_dim=6)
+
+
+def test_fused_model_outputs_the_fused_embedding(tmp_path):
+    from voiceprint.models import build_rescnn, fuse_models
+
+    configure_tensorflow(0)
+    base, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=6)
+    other, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=3)
+    other = keras.Model(other.input, other.output, name="base_with_head")   # as the head model is named
+    fused = fuse_models(base, other, 0.8)
+    x = np.random.default_rng(0).normal(size=(4, 48, 64, 1)).astype("float32")
+    expected = fuse(np.asarray(base(x)), np.asarray(other(x)), "score", 0.8)
+    np.testing.assert_allclose(np.asarray(fused(x)), expected, atol=1e-6)
+    fused.save(tmp_path / "fused.keras")              # standard layers only: loads in safe mode
+    again = keras.saving.load_model(tmp_path / "fused.keras", safe_mode=True)
+    np.testing.assert_allclose(np.asarray(again(x)), expected, atol=1e-6)

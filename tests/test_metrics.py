@@ -422,3 +422,12 @@ def test_validation(scores, labels, match):
 
 def test_boolean_labels_accepted():
     assert eer([0.1, 0.2, 0.3, 0.4], np.array([False, True, False, True])) == (0.5, 0.3)
+
+
+def test_threshold_at_far_known_values():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    labels = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0])        # 8 non-targets
+    # accept iff score >= t: down to t=0.7 only the non-target at 0.8 passes (1 of 8 = 12.5%)
+    assert M.threshold_at_far(scores, labels, 0.125) == pytest.approx(0.7)
+    assert M.threshold_at_far(scores, labels, 0.1) == pytest.approx(0.9)     # no false accepts
+    assert M.threshold_at_far(scores, labels, 1.0) == pytest.approx(0.0)

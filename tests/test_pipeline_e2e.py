@@ -106,6 +106,15 @@ def test_repro_then_experiments(repo):
     assert {"base.eer", "head.eer"} <= set(changed)
     assert set(changed["head.eer"]) == {"old", "new", "diff"}
 
+    # Fusion is scored by evaluate alone; a frame TDNN with another loss retrains only the head.
+    assert experiment("tdnn.fusion=score", "tdnn.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
+    report = json.loads((root / "metrics/eval.json").read_text())
+    assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
+    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    assert calibration["system"] == "fused" and calibration["embedding_dim"] == 16 + 8
+    assert calibration["thresholds"]["eer"] == pytest.approx(report["fused"]["eer_threshold"])
+    assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax") == {"tdnn_head", "evaluate"}
+
     # With Adam, a margin change only changes the weights through which triplets are active; from 0 to 1 the
     # active set surely changes (were the weights identical, DVC would rightly skip everything downstream).
     assert experiment("triplet.alpha=1.0") == {"triplet", "tdnn_head", "evaluate"}

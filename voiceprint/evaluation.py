@@ -43,13 +43,8 @@ def report_system(scores: np.ndarray, trials: pd.DataFrame, embeddings: np.ndarr
 FUSIONS = ("none", "concat", "score")
 
 
-def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -> np.ndarray | None:
-    """Fused embeddings (one row per utterance), built so that their cosine *is* the fused score.
-
-    With unit-norm ``b`` and ``h``: ``concat`` = [b, h] / sqrt(2), whose cosine is (cos_b + cos_h) / 2;
-    ``score`` = [sqrt(w) b, sqrt(1 - w) h], whose cosine is w cos_b + (1 - w) cos_h. So ``concat`` equals ``score``
-    at w = 0.5, and either one can be stored and searched like any other embedding. ``none`` -> None.
-    """
+def fusion_base_weight(fusion: str, weight: float = 0.5) -> float | None:
+    """The weight of the base score in ``fusion`` (``concat``: 0.5; ``score``: ``weight``; ``none``: None)."""
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
     if fusion == "none":
@@ -57,6 +52,19 @@ def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -
     w = 0.5 if fusion == "concat" else weight
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"fusion weight must be in [0, 1], got {w}")
+    return w
+
+
+def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -> np.ndarray | None:
+    """Fused embeddings (one row per utterance), built so that their cosine *is* the fused score.
+
+    With unit-norm ``b`` and ``h``: ``concat`` = [b, h] / sqrt(2), whose cosine is (cos_b + cos_h) / 2;
+    ``score`` = [sqrt(w) b, sqrt(1 - w) h], whose cosine is w cos_b + (1 - w) cos_h. So ``concat`` equals ``score``
+    at w = 0.5, and either one can be stored and searched like any other embedding. ``none`` -> None.
+    """
+    w = fusion_base_weight(fusion, weight)
+    if w is None:
+        return None
     unit = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in (base, head)]
     return np.concatenate([np.sqrt(w) * unit[0], np.sqrt(1.0 - w) * unit[1]], axis=1).astype(np.float32)
 

@@ -155,6 +155,12 @@ def eer(scores, labels, weights=None):
     return _eer_from_curve(*roc_curve(scores, labels, weights))
 
 
+def threshold_at_far(scores, labels, far: float) -> float:
+    """The lowest threshold whose false-alarm rate is at most ``far`` (a low-false-accept operating point)."""
+    fpr, _, thresholds = roc_curve(scores, labels)
+    return float(thresholds[np.flatnonzero(fpr <= far)[0]])
+
+
 def min_dcf(scores, labels, p_target=0.01, c_miss=1.0, c_fa=1.0, weights=None):
     """Normalised minimum detection cost (NIST): ``(min_dcf, threshold)``.
 

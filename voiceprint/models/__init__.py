@@ -4,7 +4,7 @@ Adding a head is one file with a builder plus one entry in ``HEADS``: (builder, 
 """
 import inspect
 
-from voiceprint.models.heads import TAPS, attach_head, dense_head, tap_model
+from voiceprint.models.heads import TAPS, attach_head, dense_head, fuse_models, tap_model
 from voiceprint.models.rescnn import CLIP_VALUE, build_rescnn
 from voiceprint.models.tdnn import X_VECTOR_CONTEXTS, StatisticsPooling, context_to_conv, frame_tdnn
 
@@ -26,4 +26,4 @@ def build_head(kind: str, **kwargs):
 
 
 __all__ = ["CLIP_VALUE", "HEADS", "TAPS", "X_VECTOR_CONTEXTS", "StatisticsPooling", "attach_head", "build_head",
-           "build_rescnn", "context_to_conv", "dense_head", "frame_tdnn", "head_tap", "tap_model"]
+           "build_rescnn", "context_to_conv", "dense_head", "frame_tdnn", "fuse_models", "head_tap", "tap_model"]

@@ -43,3 +43,14 @@ def attach_head(base: keras.Model, head: keras.Model, tap: str = "embedding",
     x = head(tap_model(base, tap)(inputs))
     outputs = layers.UnitNormalization(axis=-1, name="head_ln")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def fuse_models(base: keras.Model, with_head: keras.Model, base_weight: float,
+                name: str = "fused") -> keras.Model:
+    """One model whose output is the fused embedding [sqrt(w) base(x), sqrt(1 - w) head(x)]: its cosine is
+    w cos_base + (1 - w) cos_head (see ``voiceprint.evaluation.fuse``). ``with_head`` maps features to the
+    normalised head embedding. Built from standard layers only, so it loads in Keras safe mode."""
+    inputs = keras.Input(base.input_shape[1:], name="input")
+    parts = [layers.Rescaling(base_weight ** 0.5, name="base_weight")(base(inputs)),
+             layers.Rescaling((1.0 - base_weight) ** 0.5, name="head_weight")(with_head(inputs))]
+    return keras.Model(inputs, layers.Concatenate(name="fused")(parts), name=name)

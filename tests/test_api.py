@@ -1,0 +1,197 @@
+"""The Python API: files embed exactly as in the pipeline; verify, compare, cluster, enrol and identify."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from voiceprint import api  # noqa: E402
+from voiceprint.audio import AudioError  # noqa: E402
+from voiceprint.bundle import BundleError, ThresholdError, save_bundle  # noqa: E402
+from voiceprint.corpus.synthetic import generate  # noqa: E402
+from voiceprint.embedding import embed_features, embed_utterances  # noqa: E402
+from voiceprint.features import featurize_file  # noqa: E402
+from voiceprint.models import build_rescnn  # noqa: E402
+from voiceprint.registry import Registry, RegistryError  # noqa: E402
+from voiceprint.store import FeatureStore, StoreWriter  # noqa: E402
+
+FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
+            "window_frames": 0, "hop_frames": 80}
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    model, _ = build_rescnn(filters=[4, 8, 8, 8], blocks=1, embedding_dim=16, num_bands=64, num_classes=3,
+                            dropout=0.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    manifest = generate(root, num_speakers=3, utterances_per_speaker=3, min_seconds=1.0, max_seconds=1.5, seed=0)
+    manifest["file"] = [str(root / p) for p in manifest.path]
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def rec(model, tmp_path_factory):
+    path = save_bundle(tmp_path_factory.mktemp("bundle") / "voiceprint", model, system="head", features=FEATURES,
+                       thresholds={"eer": 0.5, "low_far": 0.9, "low_far_rate": 0.01}, evaluation={"eer": 0.1})
+    return api.Recognizer(path)
+
+
+@pytest.fixture(scope="module")
+def embeddings(rec, corpus):
+    return rec.embed_files(corpus[1].file)
+
+
+def _store(tmp_path, arrays):
+    writer = StoreWriter(tmp_path / "store", num_bands=64, kind="logmel_cmn")
+    for i, a in enumerate(arrays):
+        writer.add(f"u{i}", "s", f"u{i}.flac", a, np.zeros(40, np.float32))
+    writer.close()
+    return FeatureStore.open(tmp_path / "store")
+
+
+@pytest.mark.parametrize("window, hop", [(0, 0), (40, 15)])
+def test_embed_features_matches_embed_utterances(model, tmp_path, window, hop):
+    rng = np.random.default_rng(0)
+    lengths = [37, 160, 160, 160, 23, 411, 95]   # repeats batch together; 23 is shorter than the window
+    store = _store(tmp_path, [rng.normal(size=(n, 64)).astype(np.float16) for n in lengths])
+    feats = [store[i] for i in range(len(store))]
+    reference = embed_utterances(model, store, range(len(store)), window_frames=window, hop_frames=hop)
+    batched = embed_features(model, feats, window_frames=window, hop_frames=hop)
+    alone = embed_features(model, feats, window_frames=window, hop_frames=hop, batch_frames=1)
+    assert batched.shape == (7, 16) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, reference, atol=1e-6)
+    if window == 0:
+        np.testing.assert_array_equal(alone, reference)        # one utterance per call: the very same numbers
+        np.testing.assert_array_equal(batched[[0, 4, 5, 6]], reference[[0, 4, 5, 6]])   # unique lengths
+    with pytest.raises(ValueError, match="array 1 has shape"):
+        embed_features(model, [feats[0], feats[1][:, :32]])
+
+
+def test_files_embed_as_in_the_pipeline(rec, corpus, embeddings, model, tmp_path):
+    files = list(corpus[1].file)
+    # The pipeline's path: featurize_file -> float16 feature store -> embed_utterances.
+    arrays = [featurize_file(f, "logmel_cmn", sample_rate=16000, min_seconds=0.5, vad="original")[0] for f in files]
+    assert len({len(a) for a in arrays}) == len(arrays)   # distinct lengths: each file alone in its batch
+    store = _store(tmp_path, arrays)
+    np.testing.assert_array_equal(embeddings, embed_utterances(model, store, range(len(store))))
+    np.testing.assert_array_equal(rec.embed(files[4]), embeddings[4])
+
+
+def test_verify_and_compare_agree_with_cosine(rec, corpus, embeddings):
+    files = list(corpus[1].file)
+    expected = api.cosine(embeddings[0], embeddings[1:])[0]
+    scores = rec.compare(files[0], files[1:])
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    result = rec.verify(files[0], files[1])
+    assert result.score == pytest.approx(expected[0], abs=1e-6)
+    assert (result.threshold, result.threshold_name) == (0.5, "eer")
+    assert result.same_speaker == (result.score >= 0.5)
+    low = rec.verify(files[0], files[1], threshold=min(expected[0] - 0.01, 1.0))
+    high = rec.verify(files[0], files[1], threshold="1.0")
+    assert (low.same_speaker, high.same_speaker, low.threshold_name) == (True, False, "explicit")
+    assert rec.verify(files[0], files[1], threshold="low_far").threshold == 0.9
+    with pytest.raises(ThresholdError):
+        rec.verify(files[0], files[1], threshold="strict")
+
+
+def test_cluster_embeddings_known_groups():
+    # Two tight pairs and a fifth vector nearer the second pair (cosine ~0.49) than the first (~0.07).
+    e = np.array([[1, 0.1, 0], [0, 1, 0], [1, 0, 0.1], [0, 1, 0.1], [0, 0.5, 1]])
+    np.testing.assert_array_equal(api.cluster_embeddings(e, threshold=0.9), [1, 2, 1, 2, 3])
+    np.testing.assert_array_equal(api.cluster_embeddings(e, num_speakers=2), [1, 2, 1, 2, 2])
+    np.testing.assert_array_equal(api.cluster_embeddings(e, threshold=-1.0), [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(api.cluster_embeddings(e[:1], threshold=0.5), [1])
+    with pytest.raises(api.InputError, match=r"--speakers 6 must lie in \[1, 5\]"):
+        api.cluster_embeddings(e, num_speakers=6)
+    with pytest.raises(ValueError, match="exactly one"):
+        api.cluster_embeddings(e)
+
+
+def test_cluster_files_with_the_calibrated_threshold(rec, corpus, embeddings):
+    files = list(corpus[1].file)
+    np.testing.assert_array_equal(rec.cluster(files), api.cluster_embeddings(embeddings, threshold=0.5))
+    assert rec.cluster(files, num_speakers=3).max() == 3
+
+
+def test_enroll_and_identify_open_set(rec, corpus, embeddings, tmp_path):
+    manifest = corpus[1]
+    files = list(manifest.file)
+    with Registry(tmp_path / "reg.sqlite") as reg:
+        for spk in ("spk0000", "spk0001"):
+            result = rec.enroll(reg, spk, [files[i] for i in np.flatnonzero(manifest.speaker == spk)[:2]])
+            assert (result.added, result.enrollments) == (2, 2)
+        means = {spk: embeddings[np.flatnonzero(manifest.speaker == spk)[:2]].astype(np.float64).mean(axis=0)
+                 for spk in ("spk0000", "spk0001")}
+        expected = {spk: float(api.cosine(embeddings[2], m)[0, 0]) for spk, m in means.items()}
+        best = max(expected, key=expected.get)
+
+        found = rec.identify(reg, files[2], top=2, threshold=-1.0)
+        assert (found.speaker, found.known) == (best, True)
+        assert [c.speaker for c in found.candidates] == sorted(expected, key=expected.get, reverse=True)
+        for c in found.candidates:
+            assert c.score == pytest.approx(expected[c.speaker], abs=1e-6)
+        closed = rec.identify(reg, files[2], threshold=1.0)
+        assert (closed.speaker, closed.known, len(closed.candidates)) == ("unknown", False, 1)
+        assert closed.score == pytest.approx(expected[best], abs=1e-6)
+
+
+def test_identify_refuses_another_models_registry(rec, corpus, tmp_path):
+    with Registry(tmp_path / "reg.sqlite") as reg:
+        reg.enroll("someone", np.ones((1, 16)), model_sha256="0" * 64, sources=[("/x.flac", "1" * 64)])
+        with pytest.raises(RegistryError, match="different models"):
+            rec.identify(reg, corpus[1].file[0])
+
+
+def test_bad_audio_fails_and_enrols_nothing(rec, corpus, tmp_path):
+    import soundfile as sf
+
+    short = tmp_path / "short.wav"
+    sf.write(short, np.random.default_rng(0).normal(0, 0.1, 3000).astype(np.float32), 16000)
+    with pytest.raises(AudioError) as info:
+        rec.embed(short)
+    assert info.value.reason == "too_short"
+    with Registry(tmp_path / "reg.sqlite") as reg:
+        with pytest.raises(AudioError, match="short.wav"):
+            rec.enroll(reg, "alice", [corpus[1].file[0], short])
+        assert reg.speakers() == []
+
+
+def test_audio_files_expands_directories(corpus, tmp_path):
+    root, manifest = corpus
+    found = api.audio_files([root / "spk0001", manifest.file[0]])
+    assert [str(p) for p in found] == [*manifest.file[3:6], manifest.file[0]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(api.InputError, match="no audio files"):
+        api.audio_files([tmp_path / "empty"])
+    with pytest.raises(AudioError) as info:
+        api.audio_files([tmp_path / "absent.wav"])
+    assert info.value.reason == "missing"
+
+
+def test_vad_is_passed_only_where_featurize_file_takes_it(rec, corpus, monkeypatch):
+    import voiceprint.features as F
+
+    calls = []
+
+    def old_featurize_file(path, kind, sample_rate=16000, min_seconds=0.0):   # before the vad option existed
+        calls.append({"sample_rate": sample_rate, "min_seconds": min_seconds})
+        return np.zeros((50, 64), np.float32), np.zeros(40, np.float32)
+
+    monkeypatch.setattr(F, "featurize_file", old_featurize_file)
+    old = api.Recognizer(rec.bundle)
+    old.features(corpus[1].file[0])
+    assert calls == [{"sample_rate": 16000, "min_seconds": 0.5}]
+    energy = dataclasses.replace(rec.bundle, features=dataclasses.replace(rec.bundle.features, vad="energy"))
+    with pytest.raises(BundleError, match="needs vad='energy'"):
+        api.Recognizer(energy)
+    monkeypatch.undo()
+    assert api.Recognizer(rec.bundle)._featurize_kwargs["vad"] == "original"

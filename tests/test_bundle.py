@@ -1,0 +1,142 @@
+"""The model bundle: atomic, byte-reproducible save; load checks the sha256, the JSON and the shapes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from voiceprint import bundle as B  # noqa: E402
+from voiceprint.models import build_rescnn  # noqa: E402
+
+FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
+            "window_frames": 0, "hop_frames": 80}
+THRESHOLDS = {"eer": 0.41, "low_far": 0.63, "low_far_rate": 0.01}
+EVALUATION = {"eer": 0.098, "min_dcf": 0.92, "target_trials": 7600, "nontarget_trials": 200000}
+
+
+def _model(seed):
+    keras.utils.set_random_seed(seed)
+    model, _ = build_rescnn(filters=[4, 8, 8, 8], blocks=1, embedding_dim=16, num_bands=64, num_classes=3,
+                            dropout=0.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model(0)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    return B.save_bundle(tmp_path_factory.mktemp("bundle") / "voiceprint", model, system="head", features=FEATURES,
+                         thresholds=THRESHOLDS, evaluation=EVALUATION)
+
+
+def _copy(saved, tmp_path):
+    return shutil.copytree(saved, tmp_path / "copy")
+
+
+def test_round_trip(saved, model):
+    loaded = B.load_bundle(saved)
+    assert sorted(p.name for p in saved.iterdir()) == ["calibration.json", "model.keras"]
+    assert (loaded.system, loaded.embedding_dim, loaded.thresholds) == ("head", 16, THRESHOLDS)
+    assert loaded.features == B.FeatureSettings("logmel_cmn", 16000, 64, 0.5, 0, 80, "original")
+    assert loaded.evaluation == EVALUATION
+    assert loaded.model_sha256 == B.file_sha256(saved / "model.keras")
+    assert loaded.versions["keras"] == keras.__version__
+    x = np.random.default_rng(0).normal(size=(2, 57, 64, 1)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.model.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert loaded.threshold("eer") == ("eer", 0.41)
+    assert loaded.threshold("low_far") == ("low_far", 0.63)
+    assert loaded.threshold("0.5") == ("explicit", 0.5)
+    for bad in ("1.5", "median", float("nan")):
+        with pytest.raises(B.ThresholdError):
+            loaded.threshold(bad)
+
+
+def test_save_is_byte_reproducible(saved, model, tmp_path):
+    again = B.save_bundle(tmp_path / "again", model, system="head", features=FEATURES, thresholds=THRESHOLDS,
+                          evaluation=EVALUATION)
+    for name in ("model.keras", "calibration.json"):
+        assert (again / name).read_bytes() == (saved / name).read_bytes()
+
+
+def test_swapped_model_file_is_refused(saved, tmp_path):
+    copy = _copy(saved, tmp_path)
+    other = B.save_bundle(tmp_path / "other", _model(1), system="head", features=FEATURES, thresholds=THRESHOLDS,
+                          evaluation=EVALUATION)
+    shutil.copy(other / "model.keras", copy / "model.keras")
+    with pytest.raises(B.BundleError, match=r"model.keras: sha256 .* differs from model_sha256"):
+        B.load_bundle(copy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["thresholds"].pop("eer"), "thresholds.eer: missing"),
+    (lambda c: c["features"].update(sample_rate="16k"), "features.sample_rate: expected an integer"),
+    (lambda c: c["features"].update(frame_ms=25), "features.frame_ms: unknown key"),
+    (lambda c: c["features"].update(kind="mfcc"), "features.kind: unknown feature kind"),
+    (lambda c: c["thresholds"].update(low_far=2.0), r"thresholds.low_far: must lie in \[-1.0, 1.0\]"),
+    (lambda c: c.update(embedding_dim=32), "embedding_dim 32"),
+    (lambda c: c.update(model_sha256="xyz"), "model_sha256: expected 64 lowercase hex digits"),
+    (lambda c: c.pop("system"), "system: missing"),
+])
+def test_invalid_calibration_names_file_and_key(saved, tmp_path, edit, message):
+    copy = _copy(saved, tmp_path)
+    calibration = json.loads((copy / "calibration.json").read_text())
+    edit(calibration)
+    (copy / "calibration.json").write_text(json.dumps(calibration))
+    with pytest.raises(B.BundleError, match=message) as info:
+        B.load_bundle(copy)
+    assert "calibration.json" in str(info.value)
+
+
+def test_broken_json_and_missing_parts(saved, tmp_path):
+    copy = _copy(saved, tmp_path)
+    (copy / "calibration.json").write_text("{not json")
+    with pytest.raises(B.BundleError, match="calibration.json: not valid JSON"):
+        B.load_bundle(copy)
+    (copy / "calibration.json").unlink()
+    with pytest.raises(B.BundleError, match="not a voiceprint bundle"):
+        B.load_bundle(copy)
+    with pytest.raises(B.ModelNotFoundError, match="nowhere not found"):
+        B.load_bundle(tmp_path / "nowhere")
+
+
+def test_bare_keras_file_has_no_thresholds(saved):
+    bare = B.load_bundle(saved / "model.keras")
+    assert bare.thresholds is None and bare.embedding_dim == 16
+    assert bare.features.kind == "logmel_cmn"
+    assert B.load_bundle(saved / "model.keras", features={"kind": "fbank_norm"}).features.kind == "fbank_norm"
+    with pytest.raises(B.ThresholdError, match="no calibration"):
+        bare.threshold("eer")
+    assert bare.threshold(0.7) == ("explicit", 0.7)
+    with pytest.raises(B.BundleError, match="overrides apply to bare .keras files only"):
+        B.load_bundle(saved, features={"kind": "fbank_norm"})
+
+
+def test_save_rejects_bad_arguments(model, tmp_path):
+    with pytest.raises(B.BundleError, match="thresholds.low_far: missing"):
+        B.save_bundle(tmp_path / "b", model, system="head", features=FEATURES, thresholds={"eer": 0.4},
+                      evaluation=EVALUATION)
+    with pytest.raises(B.BundleError, match="features.num_bands: 40, but the model takes 64"):
+        B.save_bundle(tmp_path / "b", model, system="head", features={**FEATURES, "num_bands": 40},
+                      thresholds=THRESHOLDS, evaluation=EVALUATION)
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_save_keeps_the_previous_bundle(saved, model, tmp_path, monkeypatch):
+    copy = _copy(saved, tmp_path)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(B, "save_keras_model", crash)
+    with pytest.raises(OSError, match="injected"):
+        B.save_bundle(copy, model, system="head", features=FEATURES, thresholds=THRESHOLDS, evaluation=EVALUATION)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]   # no temporary directory left behind

@@ -1,0 +1,89 @@
+"""Figures: PNG files of the expected size, the same bytes for the same input, clear errors for bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from PIL import Image  # noqa: E402  (a matplotlib dependency)
+
+from voiceprint import plots  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(seed, separation):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(100, int), np.zeros(1000, int)]
+    return np.r_[rng.normal(separation, 0.1, 100), rng.normal(0.0, 0.1, 1000)], labels
+
+
+def _size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_det_curve_all_systems_deterministic(tmp_path):
+    systems = {"base": _scores(0, 0.3), "head": _scores(1, 0.2)}
+    first = plots.det_curve(systems, tmp_path / "det" / "a.png")
+    second = plots.det_curve(systems, tmp_path / "b.png")
+    assert first.read_bytes().startswith(PNG_MAGIC)
+    assert first.read_bytes() == second.read_bytes()
+    assert _size(first) == (600, 600)
+    assert plots.det_curve({"base": systems["base"]}, tmp_path / "c.png").read_bytes() != first.read_bytes()
+    with pytest.raises(ValueError, match="system 'bad'.*target trial"):
+        plots.det_curve({"bad": (np.zeros(3), np.zeros(3, int))}, tmp_path / "d.png")
+    with pytest.raises(ValueError, match="no systems"):
+        plots.det_curve({}, tmp_path / "e.png")
+
+
+def test_score_histograms_with_threshold(tmp_path):
+    scores, labels = _scores(0, 0.3)
+    with_line = plots.score_histograms(scores, labels, tmp_path / "h1.png", title="base", threshold=0.15)
+    without = plots.score_histograms(scores, labels, tmp_path / "h2.png", title="base")
+    again = plots.score_histograms(scores, labels, tmp_path / "h3.png", title="base", threshold=0.15)
+    assert _size(with_line) == (700, 400)
+    assert with_line.read_bytes() == again.read_bytes() != without.read_bytes()
+    with pytest.raises(ValueError, match="labels 0 or 1"):
+        plots.score_histograms([0.1, 0.2], [1, 2], tmp_path / "h4.png")
+
+
+def test_training_curves_one_panel_per_metric(tmp_path):
+    pd.DataFrame({"epoch": [1, 2, 3], "accuracy": [0.1, 0.4, 0.6], "loss": [3.0, 2.0, 1.5],
+                  "val_accuracy": [0.1, 0.3, 0.5], "val_loss": [3.1, 2.2, 1.9]}).to_csv(tmp_path / "s.csv", index=False)
+    pd.DataFrame({"epoch": [1, 2], "loss": [0.2, 0.1], "val_loss": [0.25, 0.2]}).to_csv(tmp_path / "t.csv",
+                                                                                     index=False)
+    both = plots.training_curves({"softmax": tmp_path / "s.csv", "triplet": tmp_path / "t.csv"}, tmp_path / "c.png")
+    assert _size(both) == (1000, 400)          # loss and accuracy panels, 5 x 4 inches each at 100 dpi
+    only_loss = plots.training_curves({"triplet": tmp_path / "t.csv"}, tmp_path / "d.png")
+    assert _size(only_loss) == (500, 400)
+    pd.DataFrame({"step": [1], "loss": [1.0]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="bad.csv: expected an 'epoch' column"):
+        plots.training_curves({"x": tmp_path / "bad.csv"}, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="absent.csv: cannot read"):
+        plots.training_curves({"x": tmp_path / "absent.csv"}, tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
+
+
+def test_project_2d_pca_known_values():
+    direction = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
+    points = np.outer([-2.0, -1.0, 1.0, 2.0], direction)       # all variance on one line through the origin
+    xy = plots.project_2d(points, "pca")
+    np.testing.assert_allclose(np.abs(xy[:, 0]), [2, 1, 1, 2], atol=1e-12)
+    np.testing.assert_allclose(xy[:, 1], 0, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown method 'umap'"):
+        plots.project_2d(points, "umap")
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_embedding_projection_deterministic(tmp_path, method):
+    rng = np.random.default_rng(0)
+    speakers = np.repeat(["a", "b", "c"], 15)
+    emb = rng.normal(size=(45, 16)) + 3 * (speakers == "a")[:, None]
+    first = plots.embedding_projection(emb, speakers, tmp_path / "p1.png", method=method)
+    second = plots.embedding_projection(emb, speakers, tmp_path / "p2.png", method=method)
+    assert first.read_bytes() == second.read_bytes() and _size(first) == (650, 600)
+    with pytest.raises(ValueError, match="45 embeddings but 3 speaker labels"):
+        plots.embedding_projection(emb, ["a", "b", "c"], tmp_path / "p3.png", method=method)

@@ -1,0 +1,241 @@
+"""The public Python API: embed, verify, compare, cluster, enrol and identify with a trained model bundle.
+
+    from voiceprint.api import Recognizer
+    from voiceprint.registry import Registry
+
+    rec = Recognizer("models/voiceprint")           # or a bare .keras file (then pass thresholds as numbers)
+    rec.verify("a.flac", "b.flac")                  # Verification(score=0.71, threshold=0.41, ..., same_speaker=True)
+    rec.compare("converted.wav", ["source.wav", "target.wav"])   # one cosine score per reference
+    with Registry() as reg:                          # VOICEPRINT_REGISTRY or ~/.local/share/voiceprint/registry.sqlite
+        rec.enroll(reg, "alice", ["alice1.flac", "alice2.flac"])
+        rec.identify(reg, "who.flac", top=3)        # Identification(speaker="alice" or "unknown", ...)
+
+Scores are cosine similarities in [-1, 1]; "same speaker" means score >= threshold. Thresholds come from the
+bundle's calibration (``"eer"``, ``"low_far"``) or are given as numbers. Files are processed exactly as the
+pipeline processed its training and evaluation audio (the bundle's feature settings, then the feature store's
+float16 rounding), so a file embeds here as in the evaluate stage and the calibration applies: bit-identical, or
+within float32 round-off (~1e-7) where files of equal frame count share a batch.
+
+The CLI (``voiceprint.cli``) is a thin layer over this module.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
+from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_speakers
+
+MODEL_ENV_VAR = "VOICEPRINT_MODEL"
+DEFAULT_MODEL = Path("models/voiceprint")
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".aiff", ".aif")   # what a directory is searched for
+UNKNOWN = "unknown"
+FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded memory, batched model calls
+
+
+class InputError(ValueError):
+    """The inputs name nothing usable (e.g. a directory without audio files)."""
+
+
+def default_model_path() -> Path:
+    return Path(os.environ[MODEL_ENV_VAR]) if os.environ.get(MODEL_ENV_VAR) else DEFAULT_MODEL
+
+
+def audio_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and for a directory every audio file below it (sorted). Nothing is de-duplicated.
+
+    Raises AudioError (reason ``missing``) for a path that does not exist, InputError for a directory without
+    audio files or an empty list.
+    """
+    from voiceprint.audio import AudioError
+
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise InputError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this directory")
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise AudioError(path, "missing")
+    if not out:
+        raise InputError("no audio files given")
+    return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of the rows of ``a`` with the rows of ``b``: (len(a), len(b)), float64."""
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def cluster_embeddings(embeddings: np.ndarray, *, threshold: float | None = None,
+                       num_speakers: int | None = None) -> np.ndarray:
+    """Speaker labels 1..k (numbered in order of first appearance) by agglomerative clustering on cosine distance
+    with average linkage: groups merge while the mean cosine score between them is above ``threshold``, or until
+    ``num_speakers`` groups remain. Give exactly one of the two."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    if (threshold is None) == (num_speakers is None):
+        raise ValueError("cluster: give exactly one of threshold and num_speakers")
+    n = len(embeddings)
+    if num_speakers is not None and not 1 <= num_speakers <= n:
+        raise InputError(f"cluster: --speakers {num_speakers} must lie in [1, {n}] (the number of files)")
+    if n == 1:
+        return np.ones(1, dtype=int)
+    if num_speakers is not None:
+        algo = AgglomerativeClustering(n_clusters=num_speakers, metric="cosine", linkage="average")
+    else:
+        # Cosine distance = 1 - score; sklearn merges while the linkage distance is below distance_threshold.
+        algo = AgglomerativeClustering(n_clusters=None, distance_threshold=1.0 - threshold, metric="cosine",
+                                       linkage="average")
+    raw = algo.fit_predict(np.asarray(embeddings, dtype=np.float64))
+    first_seen: dict[int, int] = {}
+    for label in raw:
+        first_seen.setdefault(int(label), len(first_seen) + 1)
+    return np.array([first_seen[int(label)] for label in raw])
+
+
+@dataclass(frozen=True)
+class Verification:
+    score: float
+    threshold: float
+    threshold_name: str      # "eer", "low_far" or "explicit"
+    same_speaker: bool       # score >= threshold
+
+
+@dataclass(frozen=True)
+class Identification:
+    speaker: str                      # the best speaker, or "unknown" when their score is below the threshold
+    score: float                      # the best speaker's score (even when the answer is "unknown")
+    threshold: float
+    threshold_name: str
+    candidates: list[SpeakerScore]    # the top speakers, best first
+
+    @property
+    def known(self) -> bool:
+        return self.speaker != UNKNOWN
+
+
+class Recognizer:
+    """A loaded model bundle and the operations on audio files. ``model``: a bundle directory, a ``.keras`` file
+    or an already loaded :class:`~voiceprint.bundle.Bundle`; default ``$VOICEPRINT_MODEL`` or models/voiceprint."""
+
+    def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None):
+        self.bundle = model if isinstance(model, Bundle) else load_bundle(
+            model if model is not None else default_model_path(), features=features)
+        from voiceprint.features import featurize_file
+
+        self._featurize = featurize_file
+        settings = self.bundle.features
+        self._featurize_kwargs = {"sample_rate": settings.sample_rate, "min_seconds": settings.min_seconds}
+        if settings.vad is not None:
+            if "vad" in inspect.signature(featurize_file).parameters:
+                self._featurize_kwargs["vad"] = settings.vad
+            elif settings.vad != "original":
+                # Before featurize_file had a vad option it only did the original trim: anything else would give
+                # features unlike the ones the model was calibrated on.
+                raise BundleError(f"model {self.bundle.path} needs vad={settings.vad!r}, which this version of "
+                                 "voiceprint.features.featurize_file does not offer")
+
+    @property
+    def model_sha256(self) -> str:
+        return self.bundle.model_sha256
+
+    def threshold(self, which: str | float = "eer") -> tuple[str, float]:
+        """``(name, value)``; see :meth:`voiceprint.bundle.Bundle.threshold`."""
+        return self.bundle.threshold(which)
+
+    # ----------------------------------------------------------------------------------------- embedding
+
+    def features(self, path: str | Path) -> np.ndarray:
+        """(frames, bands) float32 features of one file. AudioError for unusable audio (too short included)."""
+        feats, _ = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
+        # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
+        return feats.astype(np.float16).astype(np.float32)
+
+    def embed_files(self, paths: Sequence[str | Path], *, progress: bool = False) -> np.ndarray:
+        """(len(paths), D) float32 L2-normalised embeddings, one per file in order. Any bad file raises
+        AudioError (naming it) before anything is returned."""
+        from tqdm import tqdm
+
+        from voiceprint.embedding import embed_features
+
+        paths = list(paths)
+        settings = self.bundle.features
+        out = []
+        with tqdm(total=len(paths), desc="embed", unit="file", disable=not progress, mininterval=1) as bar:
+            for start in range(0, len(paths), FILES_PER_CHUNK):
+                feats = []
+                for path in paths[start:start + FILES_PER_CHUNK]:
+                    feats.append(self.features(path))
+                    bar.update()
+                out.append(embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
+                                          hop_frames=settings.hop_frames))
+        if not out:
+            return np.zeros((0, self.bundle.embedding_dim), np.float32)
+        return np.concatenate(out)
+
+    def embed(self, path: str | Path) -> np.ndarray:
+        return self.embed_files([path])[0]
+
+    # ----------------------------------------------------------------------------------------- pairs
+
+    def verify(self, a: str | Path, b: str | Path, *, threshold: str | float = "eer") -> Verification:
+        name, value = self.threshold(threshold)
+        emb = self.embed_files([a, b])
+        score = float(cosine(emb[0], emb[1])[0, 0])
+        return Verification(score, value, name, score >= value)
+
+    def compare(self, probe: str | Path, references: Sequence[str | Path]) -> np.ndarray:
+        """Cosine score of ``probe`` against each reference, in order (e.g. a voice-converted file against its
+        source and its target speaker)."""
+        if not references:
+            raise InputError("compare: give at least one reference file")
+        emb = self.embed_files([probe, *references])
+        return cosine(emb[:1], emb[1:])[0]
+
+    def cluster(self, paths: Sequence[str | Path], *, threshold: str | float = "eer",
+                num_speakers: int | None = None, progress: bool = False) -> np.ndarray:
+        """Speaker labels 1..k per file (see :func:`cluster_embeddings`); ``num_speakers`` overrides the threshold."""
+        value = None if num_speakers is not None else self.threshold(threshold)[1]
+        return cluster_embeddings(self.embed_files(paths, progress=progress), threshold=value,
+                                  num_speakers=num_speakers)
+
+    # ----------------------------------------------------------------------------------------- registry
+
+    def enroll(self, registry: Registry, speaker: str, paths: Sequence[str | Path], *,
+               progress: bool = False) -> EnrollResult:
+        """Embed ``paths`` and store them under ``speaker`` in one transaction (all or nothing)."""
+        from voiceprint.registry import check_speaker_name
+
+        speaker = check_speaker_name(speaker)   # before the expensive part
+        paths = list(paths)
+        embeddings = self.embed_files(paths, progress=progress)
+        sources = [(str(Path(p).resolve()), file_sha256(p)) for p in paths]
+        return registry.enroll(speaker, embeddings, model_sha256=self.model_sha256, sources=sources)
+
+    def identify(self, registry: Registry, path: str | Path, *, top: int = 1,
+                 threshold: str | float = "eer") -> Identification:
+        """Open-set identification: the enrolled speaker whose mean enrolment embedding is closest (cosine), or
+        ``"unknown"`` when even that score is below the threshold. ``candidates`` holds the best ``top``."""
+        if top < 1:
+            raise InputError(f"identify: --top must be >= 1, got {top}")
+        name, value = self.threshold(threshold)
+        # Read the registry before embedding: an empty or other-model registry fails fast.
+        speakers = registry.speaker_means(self.model_sha256, self.bundle.embedding_dim)
+        scores = rank_speakers(self.embed(path), *speakers)
+        best = scores[0]
+        return Identification(best.speaker if best.score >= value else UNKNOWN, best.score, value, name,
+                              scores[:top])

@@ -1,0 +1,308 @@
+"""The deployable model bundle: one embedding model plus what is needed to use it on new audio.
+
+Layout of a bundle directory (default ``models/voiceprint/``, written by the ``evaluate`` stage)::
+
+    model.keras        features (batch, frames, bands, 1) float32 -> L2-normalised embedding (batch, D)
+    calibration.json   {"system", "model_sha256", "embedding_dim",
+                        "features":   {"kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
+                                       "hop_frames"[, "vad"]},
+                        "thresholds": {"eer", "low_far", "low_far_rate"},
+                        "evaluation": {"eer", "min_dcf", "target_trials", "nontarget_trials", ...},
+                        "versions":   {...}}
+
+``thresholds.eer`` is the cosine score where false alarms and misses balance on the evaluation trials;
+``thresholds.low_far`` the one whose false-alarm rate is ``low_far_rate``. The sha256 ties the calibration to the
+exact model bytes, so a swapped model file cannot silently reuse thresholds measured on another model.
+
+A bare ``.keras`` file also loads (:func:`load_bundle`), without thresholds: scores then need an explicit number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
+
+MODEL_FILE = "model.keras"
+CALIBRATION_FILE = "calibration.json"
+THRESHOLD_NAMES = ("eer", "low_far")
+# A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
+DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
+                    "min_seconds": 0.5, "window_frames": 0, "hop_frames": 80}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used (bad calibration.json, swapped model file, wrong shapes); names the file."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model at the given path."""
+
+
+class ThresholdError(ValueError):
+    """A threshold that is neither a calibrated name nor a cosine score in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How the bundle's model expects audio to be turned into features (``featurize_file`` arguments)."""
+
+    kind: str
+    sample_rate: int
+    num_bands: int
+    min_seconds: float
+    window_frames: int      # 0 = the whole utterance in one pass
+    hop_frames: int
+    vad: str | None = None  # None: the features module's only behaviour (before it had a ``vad`` option)
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "sample_rate": self.sample_rate, "num_bands": self.num_bands,
+               "min_seconds": self.min_seconds, "window_frames": self.window_frames, "hop_frames": self.hop_frames}
+        if self.vad is not None:
+            out["vad"] = self.vad
+        return out
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle. ``thresholds`` is None for a bare ``.keras`` file."""
+
+    path: Path
+    model: Any = field(repr=False)
+    system: str
+    model_sha256: str
+    embedding_dim: int
+    features: FeatureSettings
+    thresholds: dict[str, float] | None
+    evaluation: dict
+    versions: dict
+
+    def threshold(self, which: str | float) -> tuple[str, float]:
+        """``(label, value)`` for a threshold name (``eer``, ``low_far``) or a number (also as a string).
+
+        Raises ThresholdError with the reason: unknown name, no calibration (bare model), number outside [-1, 1].
+        """
+        if isinstance(which, str) and which.strip() in THRESHOLD_NAMES:
+            name = which.strip()
+            if self.thresholds is None:
+                raise ThresholdError(f"model {self.path} has no calibration (a bare .keras file): "
+                                 f"give the threshold as a number instead of {name!r}")
+            return name, self.thresholds[name]
+        try:
+            value = float(which)
+        except (TypeError, ValueError):
+            raise ThresholdError(f"threshold {which!r}: expected {' or '.join(THRESHOLD_NAMES)} "
+                             "or a cosine score in [-1, 1]") from None
+        if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ThresholdError(f"threshold {which!r}: a cosine score must lie in [-1, 1]")
+        return "explicit", value
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def _fail(source: str, key: str, why: str) -> BundleError:
+    return BundleError(f"{source}: {key}: {why}")
+
+
+def _mapping(value, source: str, key: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _fail(source, key, f"expected an object, got {value!r}")
+    return dict(value)
+
+
+def _keys(data: dict, source: str, prefix: str, required: tuple, optional: tuple = ()) -> None:
+    for k in required:
+        if k not in data:
+            raise _fail(source, prefix + k, "missing")
+    unknown = sorted(set(data) - set(required) - set(optional))
+    if unknown:
+        # An unknown feature setting ignored would give embeddings unlike the calibrated ones: refuse it.
+        raise _fail(source, prefix + unknown[0], f"unknown key (expected {', '.join(required + optional)})")
+
+
+def _int(value, source: str, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(source, key, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value, source: str, key: str, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(source, key, f"expected a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _fail(source, key, f"must lie in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _text(value, source: str, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def parse_features(data, source: str, prefix: str = "features.") -> FeatureSettings:
+    from voiceprint import features as features_module
+    from voiceprint.features import FEATURE_KINDS
+
+    data = _mapping(data, source, prefix.rstrip("."))
+    _keys(data, source, prefix, ("kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
+                                 "hop_frames"), ("vad",))
+    kind = _text(data["kind"], source, prefix + "kind")
+    if kind not in FEATURE_KINDS:
+        raise _fail(source, prefix + "kind",
+                    f"unknown feature kind {kind!r}; valid: {', '.join(sorted(FEATURE_KINDS))}")
+    vad = _text(data["vad"], source, prefix + "vad") if "vad" in data else None
+    # Before the features module had VAD options it only did the original recipe's trim.
+    vad_kinds = getattr(features_module, "VAD_KINDS", ("original",))
+    if vad is not None and vad not in vad_kinds:
+        raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(vad_kinds))}")
+    return FeatureSettings(
+        kind=kind,
+        sample_rate=_int(data["sample_rate"], source, prefix + "sample_rate", 1),
+        num_bands=_int(data["num_bands"], source, prefix + "num_bands", 1),
+        min_seconds=_number(data["min_seconds"], source, prefix + "min_seconds", 0.0),
+        window_frames=_int(data["window_frames"], source, prefix + "window_frames", 0),
+        hop_frames=_int(data["hop_frames"], source, prefix + "hop_frames", 1),
+        vad=vad,
+    )
+
+
+def parse_thresholds(data, source: str) -> dict[str, float]:
+    data = _mapping(data, source, "thresholds")
+    _keys(data, source, "thresholds.", THRESHOLD_NAMES + ("low_far_rate",))
+    out = {k: _number(data[k], source, f"thresholds.{k}", -1.0, 1.0) for k in THRESHOLD_NAMES}
+    out["low_far_rate"] = _number(data["low_far_rate"], source, "thresholds.low_far_rate", 0.0, 1.0)
+    return out
+
+
+def parse_evaluation(data, source: str) -> dict:
+    """Informational numbers from the evaluation; only ``eer`` is required (other keys are kept as they are)."""
+    data = _mapping(data, source, "evaluation")
+    if "eer" not in data:
+        raise _fail(source, "evaluation.eer", "missing")
+    _number(data["eer"], source, "evaluation.eer", 0.0, 1.0)
+    return data
+
+
+def _model_io(model, source: str) -> tuple[int, int]:
+    """(num_bands, embedding_dim) of a (batch, frames, bands, 1) -> (batch, D) model."""
+    shape_in, shape_out = model.input_shape, model.output_shape
+    if (not isinstance(shape_in, tuple) or len(shape_in) != 4 or shape_in[2] is None or shape_in[3] != 1
+            or not isinstance(shape_out, tuple) or len(shape_out) != 2 or shape_out[1] is None):
+        raise BundleError(f"{source}: expected a model (batch, frames, bands, 1) -> (batch, D), "
+                          f"got {shape_in} -> {shape_out}")
+    return int(shape_in[2]), int(shape_out[1])
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thresholds: dict,
+                evaluation: dict) -> Path:
+    """Write ``out_dir`` (model.keras + calibration.json) atomically: the directory is replaced as a whole,
+    so it never holds a model with another model's calibration. Same weights and arguments -> same bytes."""
+    out_dir = Path(out_dir)
+    source = f"save_bundle({out_dir})"
+    feats = parse_features(to_builtin(dict(features)), source)
+    calibrated = parse_thresholds(to_builtin(dict(thresholds)), source)
+    evaluation = parse_evaluation(to_builtin(dict(evaluation)), source)
+    system = _text(system, source, "system")
+    bands, dim = _model_io(model, source)
+    if bands != feats.num_bands:
+        raise _fail(source, "features.num_bands", f"{feats.num_bands}, but the model takes {bands} bands")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_keras_model(model, tmp / MODEL_FILE)
+        calibration = {"system": system, "model_sha256": file_sha256(tmp / MODEL_FILE), "embedding_dim": dim,
+                       "features": feats.to_dict(), "thresholds": calibrated, "evaluation": evaluation,
+                       "versions": software_versions()}
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def _load_keras(path: Path):
+    from voiceprint.runtime import load_model
+
+    try:
+        return load_model(path, what="voiceprint model")   # Keras safe mode: no code from the file runs
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def require_model(path: str | Path) -> Path:
+    """``path`` if something is there, else ModelNotFoundError (cheap: callers check before importing Keras)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"model {path} not found: the evaluate stage writes models/voiceprint "
+                                 "(dvc repro); or pass --model / VOICEPRINT_MODEL")
+    return path
+
+
+def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
+    """Load a bundle directory (checked against its calibration.json) or a bare ``.keras`` file.
+
+    ``features`` overrides :data:`DEFAULT_FEATURES` for a bare file only (a bundle fixes its own features).
+
+    Raises:
+        ModelNotFoundError: nothing at ``path``.
+        BundleError: invalid calibration.json (names the file and key), a model file whose sha256 differs from
+            the calibration's, a model that cannot be loaded or whose shapes disagree with the calibration.
+    """
+    path = require_model(path)
+    if path.is_file():
+        if path.suffix != ".keras":
+            raise BundleError(f"{path}: expected a bundle directory or a .keras file")
+        feats = parse_features({**DEFAULT_FEATURES, **(features or {})}, f"features for {path}")
+        model = _load_keras(path)
+        bands, dim = _model_io(model, str(path))
+        if bands != feats.num_bands:
+            raise BundleError(f"{path}: the model takes {bands} bands, the features have {feats.num_bands}")
+        return Bundle(path, model, path.stem, file_sha256(path), dim, feats, None, {}, {})
+    if features is not None:
+        raise BundleError(f"{path}: a bundle fixes its own features; overrides apply to bare .keras files only")
+
+    calibration_file, model_file = path / CALIBRATION_FILE, path / MODEL_FILE
+    for needed in (calibration_file, model_file):
+        if not needed.is_file():
+            raise BundleError(f"{path}: not a voiceprint bundle ({needed.name} missing)")
+    source = str(calibration_file)
+    try:
+        data = json.loads(calibration_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{source}: not valid JSON: {exc}") from None
+    data = _mapping(data, source, "(top level)")
+    _keys(data, source, "", ("system", "model_sha256", "embedding_dim", "features", "thresholds", "evaluation"),
+          ("versions",))
+    system = _text(data["system"], source, "system")
+    expected_sha = data["model_sha256"]
+    if not isinstance(expected_sha, str) or not re.fullmatch(r"[0-9a-f]{64}", expected_sha):
+        raise _fail(source, "model_sha256", f"expected 64 lowercase hex digits, got {expected_sha!r}")
+    dim = _int(data["embedding_dim"], source, "embedding_dim", 1)
+    feats = parse_features(data["features"], source)
+    thresholds = parse_thresholds(data["thresholds"], source)
+    evaluation = parse_evaluation(data["evaluation"], source)
+    versions = _mapping(data.get("versions", {}), source, "versions")
+
+    actual_sha = file_sha256(model_file)
+    if actual_sha != expected_sha:
+        raise BundleError(f"{model_file}: sha256 {actual_sha[:12]}... differs from model_sha256 "
+                          f"{expected_sha[:12]}... in {calibration_file.name}: the model file was replaced or "
+                          "corrupted, so the calibration does not apply; rebuild the bundle (dvc repro evaluate)")
+    model = _load_keras(model_file)
+    bands, model_dim = _model_io(model, str(model_file))
+    if (bands, model_dim) != (feats.num_bands, dim):
+        raise BundleError(f"{model_file}: the model maps {bands} bands to {model_dim}-d embeddings, but "
+                          f"{calibration_file.name} says {feats.num_bands} bands and embedding_dim {dim}")
+    return Bundle(path, model, system, actual_sha, dim, feats, thresholds, evaluation, versions)

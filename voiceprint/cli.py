@@ -1,0 +1,354 @@
+"""The ``voiceprint`` console command: embed, verify, compare, enroll, identify, speakers, cluster.
+
+Human-readable output by default, one JSON document on stdout with ``--json`` (for other programs, which can drive
+this command by subprocess from any Python environment). Errors: one line on stderr (and, with ``--json``, an
+``{"error": {...}}`` document on stdout) and a non-zero exit code:
+
+    0  success                      3  model missing or invalid      5  registry error (missing or empty registry,
+    1  unexpected error (I/O ...)   4  bad audio (missing, unreadable,  unknown speaker, another model's embeddings,
+    2  usage (bad arguments,           silent, too short ...)           bad speaker name)
+       threshold, no audio files)
+
+Output files are written atomically: on any error nothing is left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MODEL, EXIT_AUDIO, EXIT_REGISTRY = 0, 1, 2, 3, 4, 5
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow prints start-up notices on stderr (oneDNN, absl) that no log level silences; they would bury
+    the one-line errors callers parse. Capture stderr while importing and replay it only if the import fails."""
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _recognizer(args):
+    from voiceprint.api import Recognizer, default_model_path
+    from voiceprint.bundle import require_model
+
+    model = require_model(args.model or default_model_path())   # fail fast, before the slow TensorFlow import
+    _import_tensorflow_quietly()
+    from voiceprint.runtime import configure_tensorflow
+
+    configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
+    features = {"kind": args.feature_kind} if args.feature_kind else None
+    return Recognizer(model, features=features)
+
+
+def _progress(args) -> bool:
+    # Only on a terminal: a caller reading stderr through a pipe gets the error line alone.
+    return not args.quiet and not args.json and sys.stderr.isatty()
+
+
+def _emit(args, payload: dict, human: str) -> int:
+    print(json.dumps(payload) if args.json else human)
+    return EXIT_OK
+
+
+def _model_info(rec) -> dict:
+    return {"model": str(rec.bundle.path), "model_sha256": rec.model_sha256}
+
+
+def _registry(args, *, create: bool):
+    from voiceprint.registry import Registry
+
+    return Registry(args.registry, create=create)
+
+
+def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
+    from voiceprint.api import InputError
+
+    if path is None:
+        return None
+    suffix = Path(path).suffix.lower()
+    if suffix not in allowed:
+        raise InputError(f"output {path}: expected a file ending in {' or '.join(allowed)}")
+    return suffix
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def cmd_embed(args) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from voiceprint.api import InputError, audio_files
+    from voiceprint.outputs import atomic_path, write_csv
+
+    suffix = _output_suffix(args.output, (".npy", ".csv"))
+    if suffix is None and not args.json:
+        raise InputError("embed: give -o OUT.npy or -o OUT.csv (or --json to print the embeddings)")
+    paths = audio_files(args.inputs)
+    rec = _recognizer(args)
+    emb = rec.embed_files(paths, progress=_progress(args))
+    names = [str(p) for p in paths]
+    payload = {**_model_info(rec), "files": len(names), "embedding_dim": int(emb.shape[1])}
+    if suffix is None:
+        payload["embeddings"] = [{"path": n, "embedding": e.tolist()} for n, e in zip(names, emb)]
+        return _emit(args, payload, "")
+    if suffix == ".npy":
+        rows = Path(args.output).with_suffix(".paths.csv")
+        # The row list first: a finished .npy always has its row list beside it.
+        write_csv(rows, pd.DataFrame({"row": np.arange(len(names)), "path": names}))
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, emb)
+        payload.update(output=str(args.output), paths_file=str(rows))
+        human = (f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}; "
+                 f"row i is the file in row i of {rows}")
+    else:
+        table = pd.DataFrame(emb, columns=[f"emb_{i}" for i in range(emb.shape[1])])
+        table.insert(0, "path", names)
+        write_csv(args.output, table)
+        payload.update(output=str(args.output))
+        human = f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}"
+    return _emit(args, payload, human)
+
+
+def cmd_verify(args) -> int:
+    rec = _recognizer(args)
+    result = rec.verify(args.a, args.b, threshold=args.threshold or "eer")
+    verdict = "same speaker" if result.same_speaker else "different speakers"
+    relation = ">=" if result.same_speaker else "<"
+    return _emit(args, {**_model_info(rec), "a": args.a, "b": args.b, "score": result.score,
+                        "threshold": result.threshold, "threshold_name": result.threshold_name,
+                        "same_speaker": result.same_speaker},
+                 f"{verdict}: score {result.score:.4f} {relation} threshold {result.threshold:.4f} "
+                 f"({result.threshold_name})")
+
+
+def cmd_compare(args) -> int:
+    from voiceprint.bundle import ThresholdError
+
+    rec = _recognizer(args)
+    try:
+        name, value = rec.threshold(args.threshold or "eer")
+    except ThresholdError:
+        if args.threshold:
+            raise
+        name, value = None, None   # a bare model and no --threshold: scores only
+    scores = rec.compare(args.probe, args.against)
+    results = [{"reference": ref, "score": float(s)} for ref, s in zip(args.against, scores)]
+    lines = []
+    for r in results:
+        if value is not None:
+            r["same_speaker"] = bool(r["score"] >= value)
+        verdict = "" if value is None else ("  same" if r["same_speaker"] else "  different")
+        lines.append(f"{r['score']:8.4f}{verdict}  {r['reference']}")
+    header = f"{args.probe} against:" + ("" if value is None else f" (threshold {value:.4f}, {name})")
+    return _emit(args, {**_model_info(rec), "probe": args.probe, "threshold": value, "threshold_name": name,
+                        "results": results}, "\n".join([header, *lines]))
+
+
+def cmd_enroll(args) -> int:
+    from voiceprint.api import audio_files
+    from voiceprint.registry import check_speaker_name
+
+    name = check_speaker_name(args.name)   # fail before loading the model
+    paths = audio_files(args.files)
+    rec = _recognizer(args)
+    with _registry(args, create=True) as reg:
+        result = rec.enroll(reg, name, paths, progress=_progress(args))
+        where = str(reg.path)
+    return _emit(args, {**_model_info(rec), "registry": where, "speaker": result.speaker, "added": result.added,
+                        "already_enrolled": result.already_enrolled, "enrollments": result.enrollments},
+                 f"enrolled {result.speaker}: {result.added} new recording(s), {result.already_enrolled} already "
+                 f"enrolled, {result.enrollments} in total (registry {where})")
+
+
+def cmd_identify(args) -> int:
+    rec = _recognizer(args)
+    with _registry(args, create=False) as reg:
+        result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
+    best = result.candidates[0]
+    if result.known:
+        human = [f"{result.speaker}: score {result.score:.4f} >= threshold {result.threshold:.4f} "
+                 f"({result.threshold_name})"]
+    else:
+        human = [f"unknown: best {best.speaker} scores {best.score:.4f} < threshold {result.threshold:.4f} "
+                 f"({result.threshold_name})"]
+    if args.top > 1:
+        human += [f"  {c.score:8.4f}  {c.speaker} ({c.enrollments} enrolment(s))" for c in result.candidates]
+    return _emit(args, {**_model_info(rec), "file": args.file, "speaker": result.speaker, "known": result.known,
+                        "score": result.score, "threshold": result.threshold,
+                        "threshold_name": result.threshold_name,
+                        "candidates": [{"speaker": c.speaker, "score": c.score, "enrollments": c.enrollments}
+                                       for c in result.candidates]},
+                 "\n".join(human))
+
+
+def cmd_speakers_list(args) -> int:
+    from voiceprint.registry import default_registry_path
+
+    path = Path(args.registry) if args.registry else default_registry_path()
+    speakers = []
+    if path.exists():   # listing must not create a registry file
+        with _registry(args, create=False) as reg:
+            speakers = reg.speakers()
+    rows = [{"name": s.name, "enrollments": s.enrollments, "model_sha256": s.model_sha256,
+             "first_enrolled": s.first_enrolled, "last_enrolled": s.last_enrolled} for s in speakers]
+    human = [f"{s.name}\t{s.enrollments} enrolment(s)\tmodel {s.model_sha256[:12]}\tlast {s.last_enrolled}"
+             for s in speakers] or [f"no speakers enrolled (registry {path})"]
+    return _emit(args, {"registry": str(path), "speakers": rows}, "\n".join(human))
+
+
+def cmd_speakers_remove(args) -> int:
+    with _registry(args, create=False) as reg:
+        removed = reg.remove(args.name)
+        where = str(reg.path)
+    return _emit(args, {"registry": where, "removed": args.name, "enrollments": removed},
+                 f"removed {args.name} ({removed} enrolment(s)) from {where}")
+
+
+def cmd_cluster(args) -> int:
+    import pandas as pd
+
+    from voiceprint.api import InputError, audio_files
+    from voiceprint.outputs import write_csv
+
+    _output_suffix(args.output, (".csv",))
+    if args.speakers is not None and args.threshold is not None:
+        raise InputError("cluster: give --speakers or --threshold, not both")
+    paths = audio_files(args.inputs)
+    rec = _recognizer(args)
+    name, value = (None, None) if args.speakers is not None else rec.threshold(args.threshold or "eer")
+    labels = rec.cluster(paths, threshold=args.threshold or "eer", num_speakers=args.speakers,
+                         progress=_progress(args))
+    table = pd.DataFrame({"path": [str(p) for p in paths], "speaker": labels})
+    groups = int(labels.max())
+    payload = {**_model_info(rec), "threshold": value, "threshold_name": name, "speakers": groups,
+               "files": table.to_dict(orient="records")}
+    if args.output:
+        write_csv(args.output, table)
+        payload["output"] = str(args.output)
+        human = f"{len(table)} files in {groups} speaker group(s), written to {args.output}"
+    else:
+        human = table.to_csv(index=False, lineterminator="\n").rstrip("\n")
+    return _emit(args, payload, human)
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    import voiceprint
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="bundle directory or .keras file "
+                                       "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
+    model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
+    threshold = argparse.ArgumentParser(add_help=False)
+    threshold.add_argument("--threshold", help="eer (default), low_far, or a cosine score in [-1, 1]")
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--registry", help="SQLite registry file (default: $VOICEPRINT_REGISTRY, else "
+                                             "~/.local/share/voiceprint/registry.sqlite)")
+
+    parser = argparse.ArgumentParser(prog="voiceprint", description="Speaker recognition with a trained "
+                                     "voiceprint model bundle. Exit codes: 0 ok, 1 unexpected error, 2 usage, "
+                                     "3 model, 4 bad audio, 5 registry.")
+    parser.add_argument("--version", action="version", version=f"voiceprint {voiceprint.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("embed", parents=[common, model], help="embeddings of audio files")
+    p.add_argument("inputs", nargs="+", metavar="FILE|DIR")
+    p.add_argument("-o", "--output", help="OUT.npy (+ OUT.paths.csv naming each row's file) or OUT.csv "
+                                          "(path column + one column per dimension)")
+    p.set_defaults(handler=cmd_embed)
+
+    p = sub.add_parser("verify", parents=[common, model, threshold], help="are two recordings the same speaker?")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("compare", parents=[common, model, threshold],
+                       help="score one recording against several references")
+    p.add_argument("probe", metavar="X")
+    p.add_argument("--against", nargs="+", required=True, metavar="REF")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("enroll", parents=[common, model, registry], help="add recordings of a speaker")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("files", nargs="+", metavar="FILE|DIR")
+    p.set_defaults(handler=cmd_enroll)
+
+    p = sub.add_parser("identify", parents=[common, model, threshold, registry],
+                       help="which enrolled speaker is this (or unknown)?")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--top", type=int, default=1, metavar="K", help="also list the K best speakers")
+    p.set_defaults(handler=cmd_identify)
+
+    p = sub.add_parser("speakers", help="list or remove enrolled speakers")
+    speakers = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = speakers.add_parser("list", parents=[common, registry], help="enrolled speakers")
+    q.set_defaults(handler=cmd_speakers_list)
+    q = speakers.add_parser("remove", parents=[common, registry], help="delete a speaker's enrolments")
+    q.add_argument("name", metavar="NAME")
+    q.set_defaults(handler=cmd_speakers_remove)
+
+    p = sub.add_parser("cluster", parents=[common, model, threshold],
+                       help="group recordings by speaker (CSV: path, speaker)")
+    p.add_argument("inputs", nargs="+", metavar="FILE|DIR")
+    p.add_argument("--speakers", type=int, metavar="N", help="exactly N groups (instead of the threshold)")
+    p.add_argument("-o", "--output", help="write the CSV here instead of stdout")
+    p.set_defaults(handler=cmd_cluster)
+    return parser
+
+
+def _error_kinds():
+    from voiceprint.api import InputError
+    from voiceprint.audio import AudioError
+    from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
+    from voiceprint.registry import RegistryError
+
+    # Order matters: AudioError, InputError and the bundle errors are ValueErrors; the first match wins.
+    return [(AudioError, "bad_audio", EXIT_AUDIO), (ModelNotFoundError, "model", EXIT_MODEL),
+            (BundleError, "model", EXIT_MODEL), (RegistryError, "registry", EXIT_REGISTRY),
+            (ThresholdError, "usage", EXIT_USAGE), (InputError, "usage", EXIT_USAGE),
+            (OSError, "io", EXIT_ERROR)]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    kinds = _error_kinds()
+    try:
+        return args.handler(args)
+    except tuple(cls for cls, _, _ in kinds) as exc:
+        kind, code = next((k, c) for cls, k, c in kinds if isinstance(exc, cls))
+        message = str(exc)
+        print(f"voiceprint {args.command}: error: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"kind": kind, "message": message, "exit_code": code}}))
+        return code
+    except KeyboardInterrupt:
+        print(f"voiceprint {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
