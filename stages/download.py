@@ -5,7 +5,7 @@ returns the manifest plus metrics of its own.
 """
 import pandas as pd
 
-from voiceprint.corpus import MANIFEST_COLUMNS, SOURCES, check_source, librispeech, synthetic
+from voiceprint.corpus import MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import default_workers
@@ -48,17 +48,38 @@ def build_librispeech(data: Params, raw) -> tuple[pd.DataFrame, dict]:
                       "reused_bytes": sum(m["reused_bytes"] for m in per_subset.values())}
 
 
-# data.source -> builder; a source listed in voiceprint.corpus.PLANNED (folder) gets its builder here.
-BUILDERS = {"synthetic": build_synthetic, "librispeech": build_librispeech}
+def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
+    """Recordings left where they are: data/raw holds the manifest (absolute paths, content hashes) and
+    rejected.csv (every file found but not usable as a recording, with its reason)."""
+    source = data.str("folder")
+    if not source:
+        raise ValueError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
+                         "(path,speaker) for data.source=folder")
+    manifest, rejected = folder.scan(source)
+    rejected.to_csv(raw / "rejected.csv", index=False, lineterminator="\n")
+    for row in rejected.itertuples():
+        print(f"  left out {row.path}: {row.reason}: {row.message}")
+    if manifest.empty:
+        raise ValueError(f"data.folder: {source}: no usable recordings found ({len(rejected)} file(s) left out, "
+                         "listed above)")
+    reasons = rejected.reason.value_counts().sort_index().to_dict()
+    return manifest, {"left_out": len(rejected), "left_out_by_reason": reasons}
+
+
+# data.source -> builder
+BUILDERS = {"synthetic": build_synthetic, "librispeech": build_librispeech, "folder": build_folder}
 
 
 def main() -> None:
     data = load_params().section("data")
     source = data.str("source", choices=SOURCES)
-    check_source(source)
     with atomic_path(RAW) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
         manifest, source_metrics = BUILDERS[source](data, tmp)
-        manifest[MANIFEST_COLUMNS].to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
+        # Source-specific columns (e.g. the folder source's sha1, bytes) follow the common ones: a changed
+        # recording changes the manifest, so DVC reruns the features.
+        columns = MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+        manifest[columns].to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
     write_metrics("metrics/download.json", {
         "utterances": len(manifest), "speakers": int(manifest.speaker.nunique()),
         "hours": round(float(manifest.duration.sum()) / 3600, 4), **source_metrics})

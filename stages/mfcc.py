@@ -1,14 +1,15 @@
 """Stage mfcc: features for every manifest utterance into the feature store (features.* params).
 
 Bad files are listed in data/features/rejected.csv with their reason and counted in metrics/features.json;
-the stage fails only when too little usable audio remains.
+speakers left with fewer than 2 usable utterances are counted and printed; the stage fails only when too little
+usable audio remains (fewer than 2 speakers with >= 2 utterances).
 """
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from voiceprint.features import FEATURE_KINDS, featurize_many
+from voiceprint.features import FEATURE_KINDS, VAD_KINDS, featurize_many
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import default_workers
@@ -18,20 +19,29 @@ from voiceprint.store import StoreWriter
 RAW = Path("data/raw")
 FEATURES = "data/features"
 NUM_BANDS = 64
+SAMPLE_RATE = 16000
+MIN_UTTERANCES = 2  # per speaker: fewer cannot give a target trial or a training pair
 
 
 def main() -> None:
     params = load_params().section("features")
     kind = params.str("kind", choices=sorted(FEATURE_KINDS))
     min_seconds = params.float("min_seconds", min=0.0)
-    manifest = pd.read_csv(RAW / "manifest.csv", dtype={"speaker": str, "utterance": str, "path": str})
-    paths = [str(RAW / p) for p in manifest.path]
+    vad = params.str("vad", choices=VAD_KINDS)
+    max_clipped_fraction = params.float("max_clipped_fraction", min=0.0, max=1.0)
+    # Names as written (a speaker "NA" stays "NA"); a duration left empty (unreadable header) is NaN.
+    manifest = pd.read_csv(RAW / "manifest.csv", dtype={"speaker": str, "utterance": str, "path": str},
+                           keep_default_na=False)
+    manifest["duration"] = pd.to_numeric(manifest["duration"], errors="coerce")
+    paths = [str(RAW / p) for p in manifest.path]  # absolute manifest paths (folder source) stay absolute
     rejected = []
     started = time.perf_counter()
     with atomic_path(FEATURES) as tmp:
-        writer = StoreWriter(tmp, num_bands=NUM_BANDS, kind=kind)
-        for i, feats, baseline, reason, message in featurize_many(paths, kind, workers=default_workers(),
-                                                                   min_seconds=min_seconds):
+        writer = StoreWriter(tmp, num_bands=NUM_BANDS, kind=kind,
+                             meta={"vad": vad, "sample_rate": SAMPLE_RATE, "min_seconds": min_seconds})
+        for i, feats, baseline, reason, message in featurize_many(
+                paths, kind, workers=default_workers(), sample_rate=SAMPLE_RATE, min_seconds=min_seconds, vad=vad,
+                max_clipped_fraction=max_clipped_fraction):
             row = manifest.iloc[i]
             if reason is not None:
                 rejected.append({"path": row.path, "speaker": row.speaker, "reason": reason, "message": message})
@@ -42,18 +52,27 @@ def main() -> None:
             tmp / "rejected.csv", index=False, lineterminator="\n")
         for r in rejected:
             print(f"  rejected {r['path']}: {r['reason']}: {r['message']}")
-        usable = index.groupby("speaker").size()
-        if (usable >= 2).sum() < 2:
+        reasons = pd.Series([r["reason"] for r in rejected], dtype=str).value_counts().sort_index().to_dict()
+        usable = index.groupby("speaker").size().reindex(sorted(set(manifest.speaker)), fill_value=0)
+        too_few = usable[usable < MIN_UTTERANCES]
+        if len(too_few):
+            listed = ", ".join(f"{s} ({n})" for s, n in too_few.items())
+            print(f"mfcc: {len(too_few)} speaker(s) with fewer than {MIN_UTTERANCES} usable utterances "
+                  f"(usable count): {listed}")
+        enough = int((usable >= MIN_UTTERANCES).sum())
+        if enough < 2:
+            found = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "none"
             raise ValueError(f"too little usable audio: {len(index)} of {len(manifest)} files usable, "
-                             f"{(usable >= 2).sum()} speaker(s) with >= 2 utterances (need 2); "
-                             f"{len(rejected)} file(s) rejected, listed above")
+                             f"{enough} speaker(s) with >= {MIN_UTTERANCES} utterances (need 2); "
+                             f"{len(rejected)} file(s) rejected (by reason: {found}), listed above; "
+                             f"{len(too_few)} of {len(usable)} speaker(s) have fewer than {MIN_UTTERANCES}")
     elapsed = time.perf_counter() - started
-    reasons = pd.Series([r["reason"] for r in rejected], dtype=str).value_counts().to_dict()
     write_metrics("metrics/features.json", {
         "utterances_in": len(manifest), "utterances_kept": len(index), "rejected": len(rejected),
-        "rejected_by_reason": reasons, "frames": int(index.frames.sum())})
+        "rejected_by_reason": reasons, "frames": int(index.frames.sum()),
+        "speakers_in": len(usable), "speakers_kept": enough, "speakers_too_few_utterances": len(too_few)})
     audio_s = float(manifest.duration.sum())
-    print(f"mfcc: {len(index)}/{len(manifest)} utterances ({kind}), {len(rejected)} rejected; "
+    print(f"mfcc: {len(index)}/{len(manifest)} utterances ({kind}, vad {vad}), {len(rejected)} rejected; "
           f"{audio_s / 60:.1f} min of audio in {elapsed:.1f} s ({audio_s / elapsed:.0f}x real time)")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voiceprint.audio import AudioError, load_audio
+from voiceprint.audio import AudioError, ChunkedAudio, load_audio
 
 
 def _shared_dir() -> Path:
@@ -162,3 +162,138 @@ def test_fixture_files_decode_like_librosa_load():
         path = SHARED / rel
         expected = librosa.load(path, sr=16000, mono=True, dtype=np.float32)[0]
         np.testing.assert_array_equal(load_audio(path), expected)
+
+
+# --- formats, intake robustness -------------------------------------------------------------------------
+
+
+def test_pinned_soundfile_decodes_mp3_and_ogg():
+    formats = sf.available_formats()
+    assert {"WAV", "FLAC", "OGG", "MP3"} <= set(formats)
+
+
+@pytest.mark.parametrize("ext, kwargs, exact", [
+    ("wav", dict(subtype="PCM_24"), True),
+    ("flac", dict(format="FLAC"), True),
+    ("ogg", dict(format="OGG", subtype="VORBIS"), False),
+    ("opus", dict(format="OGG", subtype="OPUS"), False),
+    ("mp3", dict(format="MP3"), False),
+])
+def test_formats_decode_to_16k_mono(tmp_path, ext, kwargs, exact):
+    x = _tone(440, 1.0, 48000 if ext == "opus" else 22050)
+    sr = 48000 if ext == "opus" else 22050
+    p = tmp_path / f"a.{ext}"
+    sf.write(str(p), np.stack([x, x], axis=1), sr, **kwargs)  # stereo in
+    y = load_audio(p)
+    assert y.dtype == np.float32 and y.ndim == 1
+    assert abs(y.shape[0] - 16000) <= (0 if exact else 1200)  # lossy codecs pad a few frames
+    peak_hz = np.argmax(np.abs(np.fft.rfft(y))) * 16000 / y.size
+    assert abs(peak_hz - 440) <= 3
+
+
+def test_non_audio_extension_is_not_audio(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello\n" * 50)
+    _assert_rejected(p, "not_audio")
+
+
+def test_truncated_flac_is_unreadable_and_truncated_wav_keeps_what_is_there(tmp_path):
+    x = _tone(440, 1.0, 16000)
+    flac = _write(tmp_path / "a.flac", x, 16000, "PCM_16")
+    data = flac.read_bytes()
+    cut_flac = tmp_path / "cut.flac"
+    cut_flac.write_bytes(data[: len(data) // 2])
+    err = _assert_rejected(cut_flac, "unreadable")
+    assert "lost sync" in err.detail or "seek" in err.detail
+    wav = _write(tmp_path / "a.wav", x, 16000, "PCM_16")
+    cut_wav = tmp_path / "cut.wav"
+    cut_wav.write_bytes(wav.read_bytes()[: 44 + 2 * 6000])  # header + 6000 samples
+    np.testing.assert_array_equal(load_audio(cut_wav), load_audio(wav)[:6000])
+
+
+def test_permission_denied(tmp_path, monkeypatch):
+    import voiceprint.audio as audio_module
+
+    p = _write(tmp_path / "locked.wav", _tone(440, 0.5, 16000), 16000, "PCM_16")
+
+    def deny(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    # Root may read anything, so refuse the open itself (where a chmod 000 file fails for other users).
+    monkeypatch.setattr(audio_module, "open", deny, raising=False)
+    err = _assert_rejected(p, "permission_denied")
+    assert "Permission denied" in err.detail
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_permission_denied_for_real(tmp_path):
+    p = _write(tmp_path / "locked.wav", _tone(440, 0.5, 16000), 16000, "PCM_16")
+    p.chmod(0)
+    _assert_rejected(p, "permission_denied")
+
+
+def test_clipped_files_are_rejected_only_above_the_allowed_fraction(tmp_path):
+    x = _tone(440, 1.0, 16000, amp=0.5)
+    x[:320] = 1.0  # 2% of the samples at full scale
+    p = _write(tmp_path / "clip.wav", x, 16000, "PCM_16")
+    err = _assert_rejected(p, "clipped", max_clipped_fraction=0.01)
+    assert "2.00% of samples at full scale > 1.00% allowed" in str(err)
+    assert load_audio(p, max_clipped_fraction=0.02).shape == (16000,)  # the boundary is allowed
+    assert load_audio(p).shape == (16000,)  # no check by default
+    # float files beyond full scale count as clipped too (they are clipped on decoding)
+    f = _write(tmp_path / "loud.wav", _tone(300, 0.25, 16000, amp=1.5), 16000, "FLOAT")
+    _assert_rejected(f, "clipped", max_clipped_fraction=0.01)
+
+
+# --- chunked decoding -------------------------------------------------------------------------------
+
+
+def test_chunked_audio_equals_load_audio(tmp_path):
+    rng = np.random.default_rng(0)
+    stereo = (0.2 * rng.standard_normal((8000 * 7 + 123, 2))).astype(np.float32)
+    p = _write(tmp_path / "8k.wav", stereo, 8000, "PCM_16")
+    audio = ChunkedAudio(p, 16000, chunk_seconds=0.37)
+    chunks = list(audio)
+    assert len(chunks) > 10
+    np.testing.assert_array_equal(np.concatenate(chunks), load_audio(p))
+    assert audio.validate() == load_audio(p).shape[0]
+    np.testing.assert_array_equal(np.concatenate(list(audio)), np.concatenate(chunks))  # a second pass
+
+
+@pytest.mark.parametrize("case, reason", [("silent", "silent"), ("short", "too_short"), ("clipped", "clipped"),
+                                          ("nan", "non_finite")])
+def test_chunked_audio_applies_the_same_checks(tmp_path, case, reason):
+    x = _tone(440, 2.0, 16000)
+    if case == "silent":
+        x[:] = 0
+    elif case == "clipped":
+        x[:1000] = 1.0
+    elif case == "nan":
+        x[20000] = np.nan
+    p = _write(tmp_path / "x.wav", x, 16000, "FLOAT")
+    audio = ChunkedAudio(p, 16000, chunk_seconds=0.5)
+    with pytest.raises(AudioError) as info:
+        list(audio)
+        audio.validate(min_seconds=3.0 if case == "short" else 0.0, max_clipped_fraction=0.01)
+    assert info.value.reason == reason
+    with pytest.raises(AudioError) as whole:
+        load_audio(p, min_seconds=3.0 if case == "short" else 0.0, max_clipped_fraction=0.01)
+    assert whole.value.reason == reason
+
+
+def test_chunked_audio_of_a_truncated_flac_is_unreadable(tmp_path):
+    flac = _write(tmp_path / "a.flac", _tone(440, 3.0, 16000), 16000, "PCM_16")
+    data = flac.read_bytes()
+    flac.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError) as info:
+        list(ChunkedAudio(flac, 16000, chunk_seconds=0.5))
+    assert info.value.reason == "unreadable"
+
+
+def test_chunked_audio_validate_needs_a_pass(tmp_path):
+    p = _write(tmp_path / "x.wav", _tone(440, 0.5, 16000), 16000, "PCM_16")
+    with pytest.raises(RuntimeError, match="one complete pass"):
+        ChunkedAudio(p).validate()
+    with pytest.raises(AudioError) as info:
+        list(ChunkedAudio(tmp_path / "nope.wav"))
+    assert info.value.reason == "missing"

@@ -282,3 +282,167 @@ def test_featurize_many_unexpected_exception_becomes_error(tmp_path, monkeypatch
 def test_featurize_many_rejects_unknown_kind_up_front():
     with pytest.raises(ValueError, match="valid kinds"):
         next(featurize_many(["x.wav"], "nope", workers=1, progress=False))
+
+
+# --- energy VAD ---------------------------------------------------------------------------------------
+
+
+def _bursts(sr: int = 16000, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """0.5 s quiet, then three 0.4 s tone bursts separated by 0.6 s of quiet noise, then 0.5 s quiet."""
+    rng = np.random.default_rng(seed)
+    x = (1e-3 * rng.standard_normal(int(3.7 * sr))).astype(np.float32)
+    bursts = []
+    for start_s in (0.5, 1.5, 2.5):
+        start, stop = int(start_s * sr), int((start_s + 0.4) * sr)
+        t = np.arange(stop - start) / sr
+        x[start:stop] += (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        bursts.append((start, stop))
+    return x, bursts
+
+
+def test_energy_vad_removes_silences_and_keeps_hangover():
+    x, bursts = _bursts()
+    speech = F.vad_energy(x)
+    # each burst plus 50 ms before and 100 ms after (the bursts sit on 10 ms block boundaries)
+    expected = np.concatenate([x[start - 800 : stop + 1600] for start, stop in bursts])
+    np.testing.assert_array_equal(speech, expected)
+    assert speech.shape[0] == 3 * (6400 + 2400)
+    # the original trim keeps the inner silences
+    assert trim_silence_original(x).shape[0] > int(2.3 * 16000)
+
+
+def test_energy_vad_merges_short_pauses():
+    x, _ = _bursts()
+    x[int(0.9 * 16000) : int(1.4 * 16000)] += 0.5 * np.sin(np.arange(8000) / 3)  # first gap: 0.1 s quiet left
+    speech = F.vad_energy(x)
+    # bursts 1-2 now one run 0.5..1.9 s (0.1 s pause < 150 ms of hangover), burst 3 alone
+    assert speech.shape[0] == (int(1.4 * 16000) + 2400) + (6400 + 2400)
+
+
+@pytest.mark.parametrize("signal", ["white_noise", "tone"])
+def test_energy_vad_rejects_noise_and_steady_tones(tmp_path, signal):
+    rng = np.random.default_rng(0)
+    t = np.arange(32000) / 16000
+    x = (0.1 * rng.standard_normal(32000) if signal == "white_noise" else 0.3 * np.sin(2 * np.pi * 300 * t))
+    with pytest.raises(F.NoSpeechError, match="span only .* dB"):
+        F.vad_energy(x.astype(np.float32))
+    p = _write_wav(tmp_path / "n.wav", x.astype(np.float32))
+    with pytest.raises(AudioError) as info:
+        featurize_file(p, "logmel_cmn", vad="energy")
+    assert info.value.reason == "no_speech" and p in str(info.value)
+    assert featurize_file(p, "logmel_cmn")[0].shape[0] > 2  # the original trim keeps it: noise passes as speech
+
+
+def test_energy_vad_keeps_at_least_the_loudest_tenth():
+    # 10 ms blocks of constant level (mean square = level^2): 88 at -70 dB, 4 at -65 dB, 8 at -50 dB.
+    levels_db = np.array([-70.0] * 40 + [-65.0] * 4 + [-50.0] * 8 + [-70.0] * 48)
+    x = np.repeat(10 ** (levels_db / 20), 160).astype(np.float32)
+    # floor -70, speech level -50: threshold -64 dB would keep 8% of the blocks; the fallback keeps the -65 dB ones
+    speech = F.vad_energy(x)
+    assert speech.shape[0] == (4 + 8 + 5 + 10) * 160
+    np.testing.assert_array_equal(speech, x[35 * 160 : 62 * 160])
+
+
+def test_energy_vad_drops_clicks():
+    x, bursts = _bursts()
+    x[int(3.3 * 16000) : int(3.3 * 16000) + 160] = 0.5  # a 10 ms click in the final silence
+    np.testing.assert_array_equal(F.vad_energy(x), F.vad_energy(_bursts()[0]))
+
+
+def test_vad_choice_in_extract_and_featurize(tmp_path):
+    x, _ = _bursts()
+    p = _write_wav(tmp_path / "b.wav", x)
+    y = load_audio(p)
+    feats, base = featurize_file(p, "fbank_norm", vad="energy")
+    np.testing.assert_array_equal(feats, extract(y, "fbank_norm", vad="energy"))
+    np.testing.assert_array_equal(feats, fbank_original(F.vad_energy(y)))
+    np.testing.assert_array_equal(base, mfcc_stats(F.vad_energy(y)))
+    np.testing.assert_array_equal(featurize_file(p, "fbank_norm")[0], extract(y, "fbank_norm"))
+    with pytest.raises(ValueError, match="unknown vad 'webrtc'; valid: original, energy"):
+        featurize_file(p, "fbank_norm", vad="webrtc")
+    with pytest.raises(ValueError, match="unknown vad"):
+        next(featurize_many([p], "fbank_norm", workers=1, vad="webrtc", progress=False))
+    results = list(featurize_many([p], "fbank_norm", workers=1, vad="energy", progress=False))
+    np.testing.assert_array_equal(results[0][1], feats)
+
+
+def test_featurize_many_reports_clipping_and_no_speech(tmp_path):
+    x, _ = _bursts()
+    clipped = x.copy()
+    clipped[:2000] = 1.0
+    paths = [_write_wav(tmp_path / "ok.wav", x), _write_wav(tmp_path / "clipped.wav", clipped),
+             _write_wav(tmp_path / "noise.wav", (0.1 * np.random.default_rng(1).standard_normal(16000)).astype(
+                 np.float32))]
+    results = list(featurize_many(paths, "logmel_cmn", workers=1, vad="energy", max_clipped_fraction=0.01,
+                                  progress=False))
+    assert [r[3] for r in results] == [None, "clipped", "no_speech"]
+
+
+# --- chunked extraction of long files -----------------------------------------------------------------
+
+
+def test_streamed_trim_equals_trim_silence_original():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(1, 5000))
+        x = (rng.standard_normal(n) * rng.uniform(0.01, 0.5)).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x * 50) / 50  # many ties at the threshold
+        if trial % 7 == 0:
+            x[:] = x[0]  # constant: returned unchanged
+        cuts = np.sort(rng.integers(0, n, size=int(rng.integers(0, 6))))
+        chunks = [c for c in np.split(x, cuts) if c.size]
+        trim = F._StreamedTrim()
+        for chunk in chunks:
+            trim.push(chunk)
+        start, stop = trim.segment(chunks)
+        np.testing.assert_array_equal(x[start:stop], trim_silence_original(x))
+
+
+def _long_speechy_file(path: Path, seconds: int, sr: int = 16000, channels: int = 1) -> str:
+    """Speech-like bursts with pauses, written second by second (the generator stays small too)."""
+    rng = np.random.default_rng(seconds)
+    with sf.SoundFile(str(path), "w", sr, channels, subtype="PCM_16") as fh:
+        for i in range(seconds):
+            t = np.arange(sr) / sr
+            x = 0.3 * np.sin(2 * np.pi * (120 + 15 * (i % 5)) * t) * (np.sin(2 * np.pi * 1.3 * t) > 0)
+            x = (x + 0.003 * rng.standard_normal(sr)).astype(np.float32)
+            fh.write(np.stack([x, 0.5 * x], axis=1) if channels == 2 else x)
+    return str(path)
+
+
+@pytest.mark.parametrize("vad", F.VAD_KINDS)
+def test_chunked_features_equal_whole_file(tmp_path, vad):
+    p = _long_speechy_file(tmp_path / "long.wav", 150, sr=8000, channels=2)  # resampling and mixing too
+    for kind in FEATURE_KINDS:
+        whole, whole_base = featurize_file(p, kind, vad=vad)  # 150 s < LONG_FILE_SECONDS: one piece
+        chunked, chunked_base = featurize_file(p, kind, vad=vad, long_file_seconds=0, chunk_seconds=1.7)
+        np.testing.assert_array_equal(chunked, whole)
+        # float64 running sums instead of librosa's float32 mean/std
+        np.testing.assert_allclose(chunked_base, whole_base, rtol=1e-5, atol=1e-4)
+
+
+def test_chunked_memory_does_not_grow_with_length(tmp_path):
+    import tracemalloc
+
+    extra = {}
+    for seconds in (60, 240):
+        p = _long_speechy_file(tmp_path / f"{seconds}.wav", seconds)
+        featurize_file(p, "fbank_norm", long_file_seconds=0, chunk_seconds=2.0)  # warm the caches
+        tracemalloc.start()
+        feats, _ = featurize_file(p, "fbank_norm", long_file_seconds=0, chunk_seconds=2.0)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        extra[seconds] = peak - feats.nbytes  # beyond the features returned
+    assert extra[240] < 8e6  # the 240 s file alone is 15 MB of float32 audio, 0.4 GB when processed whole
+    assert abs(extra[240] - extra[60]) < 1e6
+
+
+def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypatch):
+    p = _long_speechy_file(tmp_path / "x.wav", 3)
+    monkeypatch.setattr(F, "_featurize_chunked", lambda *args: ("chunked", args[-1]))
+    assert F.LONG_FILE_SECONDS == 300.0 and F.CHUNK_SECONDS == 20.0
+    assert isinstance(featurize_file(p, "fbank_norm")[0], np.ndarray)
+    assert isinstance(featurize_file(p, "fbank_norm", long_file_seconds=3.0)[0], np.ndarray)
+    assert featurize_file(p, "fbank_norm", long_file_seconds=2.9) == ("chunked", 20.0)
+    assert featurize_file(p, "fbank_norm", long_file_seconds=2.9, chunk_seconds=0.5) == ("chunked", 0.5)

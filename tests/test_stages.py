@@ -1,8 +1,10 @@
 """Stage scripts on bad input: clear one-line errors naming the key or file; bad files listed, not fatal."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -68,7 +70,7 @@ def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
     ("tdnn_head", "tdnn", {"loss": "mse"}, "tdnn.loss: must be one of aam_softmax, softmax, triplet; got 'mse'"),
     ("mfcc", "features", {"kind": "mfcc"}, "features.kind: must be one of fbank_norm, logmel_cmn; got 'mfcc'"),
     ("download", "data", {"speakers": 1}, "data.speakers: must be >= 2, got 1"),
-    ("download", "data", {"source": "folder"}, "data.source='folder'"),
+    ("download", "data", {"source": "folder", "folder": ""}, "data.folder: empty"),
     ("download", "data", {"source": "librispeech", "subsets": ["dev-cleen"]},
      "data.subsets: unknown value(s) ['dev-cleen']"),
     ("tdnn_head", "tdnn", {"contexts": [[-3, -1, 0, 1, 3]]},
@@ -100,3 +102,26 @@ def test_softmax_init_checkpoint_of_another_size_names_the_params(tmp_path, shar
     assert proc.returncode == 1
     assert "softmax.init_checkpoint: checkpoints/ref.h5 holds a ResCNN with {'filters': [64, 128, 256, 512], " \
            "'blocks': 3, 'embedding_dim': 512}" in proc.stderr
+
+
+def test_folder_source_lists_what_it_leaves_out(tmp_path):
+    recordings = tmp_path / "recordings"
+    manifest = synthetic.generate(recordings / "tmp", num_speakers=2, utterances_per_speaker=2, min_seconds=1.0,
+                                  max_seconds=1.2, seed=0)
+    for row in manifest.itertuples():         # <speaker>/<file> layout
+        (recordings / row.speaker).mkdir(exist_ok=True)
+        (recordings / "tmp" / row.path).rename(recordings / row.speaker / f"{row.utterance}.flac")
+    shutil.rmtree(recordings / "tmp")
+    first = sorted((recordings / manifest.speaker[0]).iterdir())[0]
+    shutil.copy(first, recordings / manifest.speaker[0] / "copy.flac")
+    (recordings / manifest.speaker[0] / "notes.txt").write_text("not audio")
+    write_params(tmp_path, data={"source": "folder", "folder": str(recordings)})
+    proc = run_stage("download", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = pd.read_csv(tmp_path / "data/raw/manifest.csv")
+    assert len(written) == 4 and {"sha1", "bytes"} <= set(written.columns)
+    assert all(Path(p).is_absolute() for p in written.path)
+    rejected = pd.read_csv(tmp_path / "data/raw/rejected.csv")
+    assert sorted(rejected.reason) == ["duplicate", "not_audio"]
+    metrics = json.loads((tmp_path / "metrics/download.json").read_text())
+    assert metrics["left_out_by_reason"] == {"duplicate": 1, "not_audio": 1}

@@ -30,11 +30,13 @@ INDEX_COLUMNS = ["utterance", "speaker", "path", "offset", "frames"]
 class StoreWriter:
     """Append utterances one at a time (streaming: memory stays at one utterance)."""
 
-    def __init__(self, directory: str | Path, *, num_bands: int, kind: str):
+    def __init__(self, directory: str | Path, *, num_bands: int, kind: str, meta: dict | None = None):
+        """``meta``: how the features were made (e.g. VAD, minimum length), recorded in store.json."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.num_bands = num_bands
         self.kind = kind
+        self.meta = dict(meta or {})
         self._frames_fh = open(self.directory / FRAMES_FILE, "wb")
         self._rows: list[dict] = []
         self._baseline: list[np.ndarray] = []
@@ -55,7 +57,7 @@ class StoreWriter:
         index.to_csv(self.directory / INDEX_FILE, index=False, lineterminator="\n")
         baseline = np.stack(self._baseline) if self._baseline else np.zeros((0, 40), np.float32)
         np.save(self.directory / BASELINE_FILE, baseline)
-        meta = {"dtype": "float16", "num_bands": self.num_bands, "kind": self.kind,
+        meta = {**self.meta, "dtype": "float16", "num_bands": self.num_bands, "kind": self.kind,
                 "utterances": len(index), "total_frames": int(self._offset)}
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return index
