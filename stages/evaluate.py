@@ -64,7 +64,7 @@ def main() -> None:
         report[name] = report_system(scores[name], trials, emb, ev.speaker.to_numpy(), p_target=p_target,
                                      bootstrap=bootstrap, seed=seed)
         write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], labels))
-    deltas, warnings = guard_against_base(report)
+    deltas, verdicts = guard_against_base(report, scores=scores, trials=trials, bootstrap=bootstrap, seed=seed)
     report.update(deltas)
     report["deployed"] = deploy
 
@@ -97,7 +97,7 @@ def main() -> None:
               f"({r['target_trials']} target / {r['nontarget_trials']} non-target trials)")
     print(f"evaluate: deployed {deploy} -> {BUNDLE} (EER threshold {thresholds['eer']:.4f}, "
           f"{100 * low_far:g}% false-accept threshold {thresholds['low_far']:.4f})")
-    for line in warnings:
+    for line in verdicts:
         print(line)
 
 

@@ -138,7 +138,7 @@ def test_guard_exposes_the_original_failure_and_passes_proper_heads(speaker_vect
                  margin=0.2, scale=30.0)
         deltas, warnings = guard_against_base({**report, "head": _report(head.predict(x_eval, verbose=0),
                                                                           y_eval)})
-        assert deltas["head_minus_base_eer"] < 0 and warnings == [], loss
+        assert deltas["head_minus_base_eer"] < 0 and "WORSE" not in warnings[0], loss
 
 
 def test_heads_registry():
@@ -163,3 +163,25 @@ def test_fused_model_outputs_the_fused_embedding(tmp_path):
     fused.save(tmp_path / "fused.keras")              # standard layers only: loads in safe mode
     again = keras.saving.load_model(tmp_path / "fused.keras", safe_mode=True)
     np.testing.assert_allclose(np.asarray(again(x)), expected, atol=1e-6)
+
+
+def test_paired_interval_of_the_eer_difference():
+    import pandas as pd
+
+    from voiceprint.evaluation import paired_eer_difference_ci
+
+    rng = np.random.default_rng(3)
+    rows = [(f"s{i}", f"s{j}", int(i == j)) for i in range(12) for j in range(12) for _ in range(3)]
+    trials = pd.DataFrame(rows, columns=["enroll_speaker", "test_speaker", "label"])
+    labels = trials.label.to_numpy()
+    base = labels * 1.0 + rng.normal(0, 0.6, len(labels))
+    report = {"base": {"eer": metrics.eer(base, labels)[0]}}
+    # the same system: difference exactly 0 in every replicate
+    assert paired_eer_difference_ci(base, base, trials, n_boot=50, seed=0) == (0.0, 0.0)
+    worse = base + rng.normal(0, 1.5, len(labels))      # much noisier scores
+    report["head"] = {"eer": metrics.eer(worse, labels)[0]}
+    deltas, lines = guard_against_base(report, scores={"base": base, "head": worse}, trials=trials,
+                                       bootstrap=100, seed=0)
+    assert deltas["head_minus_base_eer_ci95_low"] > 0 and "significantly worse" in lines[0]
+    assert deltas["head_minus_base_eer_ci95_low"] <= deltas["head_minus_base_eer"] <= \
+        deltas["head_minus_base_eer_ci95_high"]

@@ -69,23 +69,59 @@ def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -
     return np.concatenate([np.sqrt(w) * unit[0], np.sqrt(1.0 - w) * unit[1]], axis=1).astype(np.float32)
 
 
-def guard_against_base(report: dict, systems=("head", "fused")) -> tuple[dict, list[str]]:
-    """``<system>_minus_base_eer`` for each system present, and a loud warning for each one worse than the base
-    (the failure the original TDNN head hid: it was never scored beside the model it was put on)."""
-    deltas, warnings = {}, []
+def paired_eer_difference_ci(scores: np.ndarray, base_scores: np.ndarray, trials: pd.DataFrame, *, n_boot: int,
+                             seed: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of EER(system) - EER(base) on the same trials, resampling speakers (as
+    ``metrics.bootstrap_eer_ci``) with the SAME draw for both systems: the pairing removes the variation both
+    share, so a real difference can show even where the two systems' own intervals overlap."""
+    labels = trials.label.to_numpy()
+    _, inverse = np.unique(np.concatenate([trials.enroll_speaker.to_numpy(), trials.test_speaker.to_numpy()]),
+                           return_inverse=True)
+    a, b = inverse[:len(trials)], inverse[len(trials):]
+    n_speakers = int(inverse.max()) + 1
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(10 * n_boot):
+        if len(differences) == n_boot:
+            break
+        multiplicity = np.bincount(rng.integers(0, n_speakers, n_speakers), minlength=n_speakers).astype(float)
+        weights = multiplicity[a] * multiplicity[b]
+        if not (weights[labels == 1].any() and weights[labels == 0].any()):
+            continue
+        differences.append(metrics.eer(scores, labels, weights)[0] - metrics.eer(base_scores, labels, weights)[0])
+    if not differences:
+        raise ValueError("too few speakers for a speaker-level bootstrap of the EER difference")
+    low, high = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def guard_against_base(report: dict, systems=("head", "fused"), *, scores: dict | None = None,
+                       trials: pd.DataFrame | None = None, bootstrap: int = 0,
+                       seed: int = 0) -> tuple[dict, list[str]]:
+    """``<system>_minus_base_eer`` for each system present (with its paired 95% interval when ``scores``,
+    ``trials`` and ``bootstrap`` are given), and a loud warning for each system worse than the base: the failure
+    the original TDNN head hid, because it was never scored beside the model it was put on.
+    Returns (numbers for metrics, lines to print)."""
+    deltas, lines = {}, []
     base = report["base"]
     for name in systems:
         if name not in report:
             continue
         delta = report[name]["eer"] - base["eer"]
-        deltas[f"{name}_minus_base_eer"] = delta
+        key = f"{name}_minus_base_eer"
+        deltas[key] = delta
+        interval = ""
+        if scores is not None and bootstrap > 0:
+            low, high = paired_eer_difference_ci(scores[name], scores["base"], trials, n_boot=bootstrap, seed=seed)
+            deltas[f"{key}_ci95_low"], deltas[f"{key}_ci95_high"] = low, high
+            verdict = ("significantly worse" if low > 0 else "significantly better" if high < 0
+                       else "no significant difference")
+            interval = f" (paired 95% CI {100 * low:+.2f} to {100 * high:+.2f} points: {verdict})"
         if delta > 0:
-            low, high = base.get("eer_ci95_low"), base.get("eer_ci95_high")
-            beyond = high is not None and report[name]["eer"] > high
-            warnings.append(
+            lines.append(
                 f"WARNING: {name} is WORSE than the base model: EER {100 * report[name]['eer']:.2f}% vs "
-                f"{100 * base['eer']:.2f}% (+{100 * delta:.2f} points"
-                + (", outside the base's 95% interval" if beyond else
-                   ", within the base's 95% interval" if high is not None else "")
-                + "). A head must never cost recognition: check tdnn.* before using it.")
-    return deltas, warnings
+                f"{100 * base['eer']:.2f}%, {100 * delta:+.2f} points{interval}. A head must never cost "
+                "recognition: check tdnn.* before using it.")
+        else:
+            lines.append(f"{name} vs base: EER {100 * delta:+.2f} points{interval}")
+    return deltas, lines
