@@ -1,5 +1,6 @@
 import pytest
 
+from tests.conftest import REPO
 from voiceprint.params import Params, ParamsError, load_params
 
 
@@ -47,3 +48,17 @@ def test_repo_params_file_is_valid():
 
     params = load_params(REPO / "params.yaml")
     assert params.section("tdnn").int("units", min=1) > 0
+
+
+def test_preset_becomes_set_param_flags(tmp_path):
+    from voiceprint.params import preset_assignments
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("softmax:\n  filters: [64, 128]\n  epochs: 40\ndata:\n  source: librispeech\n")
+    assert preset_assignments(preset, REPO / "params.yaml") == [
+        "softmax.filters=[64, 128]", "softmax.epochs=40", "data.source=librispeech"]
+    preset.write_text("softmax:\n  epoch: 40\n")
+    with pytest.raises(ParamsError, match="softmax.epoch: not a key"):
+        preset_assignments(preset, REPO / "params.yaml")
+    # the shipped preset only names existing keys
+    assert len(preset_assignments(REPO / "params-librispeech.yaml", REPO / "params.yaml")) > 10

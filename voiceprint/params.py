@@ -127,3 +127,35 @@ class Params:
             raise self._fail(name, f"must be >= {lo}, got {value}")
         if hi is not None and value > hi:
             raise self._fail(name, f"must be <= {hi}, got {value}")
+
+
+def preset_assignments(preset: str | Path, base: str | Path = "params.yaml") -> list[str]:
+    """A preset file (a partial params.yaml) as ``section.key=value`` assignments for ``dvc exp run -S``.
+
+    Every key must exist in ``base``: a typo in a preset fails here, naming the key, instead of silently adding
+    a parameter nothing reads."""
+    known = load_params(base)._data
+    overrides = load_params(preset)._data
+    out = []
+    for section, values in overrides.items():
+        if section not in known or not isinstance(values, dict):
+            raise ParamsError(f"{preset}: {section}: not a section of {base}")
+        for key, value in values.items():
+            if key not in known[section]:
+                raise ParamsError(f"{preset}: {section}.{key}: not a key of {base}")
+            text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            text = text.removesuffix("\n...").removesuffix("...").strip()
+            out.append(f"{section}.{key}={text}")
+    return out
+
+
+if __name__ == "__main__":   # python -m voiceprint.params PRESET.yaml -> -S flags for dvc exp run
+    import shlex
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m voiceprint.params PRESET.yaml   (prints -S flags for dvc exp run)")
+    try:
+        print(" ".join(f"-S {shlex.quote(a)}" for a in preset_assignments(sys.argv[1])))
+    except ParamsError as exc:
+        sys.exit(f"error: {exc}")
