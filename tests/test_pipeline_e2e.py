@@ -136,7 +136,7 @@ def test_real_speech_from_a_folder(tmp_path, shared_dir):
     features = json.loads((root / "metrics/features.json").read_text())
     assert features["utterances_kept"] == 220 and features["rejected"] == 0
     report = json.loads((root / "metrics/eval.json").read_text())
-    assert report["base"]["target_trials"] > 100 and report["base"]["nontarget_trials"] > 1000
+    assert report["base"]["target_trials"] >= 100 and report["base"]["nontarget_trials"] >= 500
     # real speech: even the untrained-baseline statistics separate these speakers far better than chance
     assert report["mfcc_baseline"]["eer"] < 0.3
     assert stages_run(run(["dvc", "repro"], root, env)) == set()
