@@ -11,25 +11,20 @@ all frames and bands, and in the loudest frames (95th percentile of the per-fram
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
+from _shared_data import default_data  # noqa: E402  (bench/ is on sys.path)
 from voiceprint.audio import load_audio
 from voiceprint.features import logmel_cmn, trim_silence_original
 
 FRACTIONS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def _default_data() -> Path:
-    shared = os.environ.get("VOICEPRINT_SHARED", Path(__file__).resolve().parents[2] / "shared")
-    return Path(shared) / "data" / "librispeech-mini"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=_default_data())
+    ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--every", type=int, default=10, help="use every N-th file (sorted)")
     args = ap.parse_args()
     files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in {".flac", ".wav"})[:: args.every]

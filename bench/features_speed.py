@@ -21,19 +21,15 @@ from pathlib import Path  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from voiceprint import features as F  # noqa: E402
+from _shared_data import default_data  # noqa: E402  (bench/ is on sys.path)
 from voiceprint.audio import load_audio  # noqa: E402
 
 AUDIO_EXTS = {".flac", ".wav", ".ogg", ".mp3"}
 
 
-def _default_data() -> Path:
-    shared = os.environ.get("VOICEPRINT_SHARED", Path(__file__).resolve().parents[2] / "shared")
-    return Path(shared) / "data" / "librispeech-mini"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=_default_data())
+    ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--kinds", default=",".join(F.FEATURE_KINDS))
     ap.add_argument("--repeat", type=int, default=1, help="passes over the files per kind (best is reported)")
     args = ap.parse_args()
