@@ -1,5 +1,8 @@
-"""Stage softmax: ResCNN pre-trained with softmax over the training speakers (softmax.* params)."""
+"""Stage softmax: ResCNN pre-trained with softmax over the training speakers (softmax.* and train.* params)."""
+from pathlib import Path
+
 from voiceprint.checkpoint import check_architecture, init_checkpoint_path
+from voiceprint.distribute import STRATEGIES
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow
@@ -7,7 +10,8 @@ from voiceprint.stage import run_stage
 
 
 def main() -> None:
-    p = load_params().section("softmax")
+    params = load_params()
+    p = params.section("softmax")
     args = dict(filters=p.int_list("filters", min=1), blocks=p.int("blocks", min=0),
                 embedding_dim=p.int("embedding_dim", min=1), frames=p.int("frames", min=16),
                 epochs=p.int("epochs", min=1), batch_size=p.int("batch_size", min=2),
@@ -17,14 +21,30 @@ def main() -> None:
     if init is not None:
         check_architecture(init, "softmax.init_checkpoint", filters=args["filters"], blocks=args["blocks"],
                            embedding_dim=args["embedding_dim"])
+    t = params.section("train")
+    strategy, mixed_precision = t.str("strategy", choices=STRATEGIES), t.bool("mixed_precision")
     configure_tensorflow(args["seed"])
+    from voiceprint import resume
+    from voiceprint.distribute import make_distribution
     from voiceprint.splits import read_split
     from voiceprint.store import FeatureStore
     from voiceprint.training import train_softmax
 
+    distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
     store = FeatureStore.open("data/features")
     split, _ = read_split("data/model_inputs")
-    trained = train_softmax(store, split, init_checkpoint=init, **args)
+    checkpoint = None
+    if resume.enabled():
+        settings = {**args, "init_checkpoint": init, "strategy": strategy, "replicas": distribution.replicas,
+                    "precision": distribution.precision}
+        inputs = ["data/features", "data/model_inputs", *([init] if init else []), *resume.package_sources(),
+                  Path(__file__)]
+        checkpoint = resume.Checkpoint.for_stage("softmax", resume.fingerprint(settings, inputs),
+                                                 writer=distribution.is_chief)
+    trained = train_softmax(store, split, init_checkpoint=init, distribution=distribution, checkpoint=checkpoint,
+                            **args)
+    if not distribution.is_chief:
+        return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/softmax.keras")
     write_csv("plots/softmax.csv", trained.history)
     last = trained.history.iloc[-1]
@@ -33,6 +53,8 @@ def main() -> None:
         "train_loss": last["loss"], "train_accuracy": last["accuracy"],
         "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
         "classes": int(split[split.role == "train"].label.max()) + 1})
+    if checkpoint is not None:
+        checkpoint.remove()     # the outputs are written: the checkpoint has served its purpose
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_fbank_norm_matches_original_fixture(key):
     got = fbank_original(trim_silence_original(signal), 16000)
     assert got.dtype == np.float32
     assert got.shape == reference.shape == (META["frames"][key], 64)
-    assert np.abs(got - reference).max() <= 1e-4
+    np.testing.assert_array_equal(got, reference)  # bit-exact: the original's own float32 values
     # the registry path and featurize_file give the same thing
     np.testing.assert_array_equal(extract(signal, "fbank_norm"), got)
     feats, base = featurize_file(SHARED / META["files"][key], "fbank_norm")
@@ -119,6 +119,78 @@ def test_fbank_float64_input_and_int_input():
     assert fbank_original((x * 32767).astype(np.int16)).shape == fbank_original(x).shape
 
 
+def _psf_filterbank(nfilt: int, nfft: int = 512, sr: int = 16000) -> np.ndarray:
+    """python_speech_features 0.6 get_filterbanks (nfilt, nfft//2 + 1), transcribed."""
+    melpoints = np.linspace(2595 * np.log10(1 + 0 / 700.0), 2595 * np.log10(1 + (sr / 2) / 700.0), nfilt + 2)
+    edges = np.floor((nfft + 1) * (700 * (10 ** (melpoints / 2595.0) - 1)) / sr)
+    fbank = np.zeros([nfilt, nfft // 2 + 1])
+    for j in range(nfilt):
+        for i in range(int(edges[j]), int(edges[j + 1])):
+            fbank[j, i] = (i - edges[j]) / (edges[j + 1] - edges[j])
+        for i in range(int(edges[j + 1]), int(edges[j + 2])):
+            fbank[j, i] = (edges[j + 2] - i) / (edges[j + 2] - edges[j + 1])
+    return fbank
+
+
+def _psf_reference(signal: np.ndarray, num_bands: int = 64) -> np.ndarray:
+    """python_speech_features.fbank(signal, 16000, nfilt=num_bands) + the original per-frame loop, transcribed
+    (python_speech_features itself is only a benchmark dependency)."""
+    emph = np.append(signal[0], signal[1:] - 0.97 * signal[:-1])
+    n = num_frames(len(emph))
+    padded = np.concatenate([emph, np.zeros((n - 1) * 160 + 400 - len(emph))])
+    frames = padded[np.arange(400)[None, :] + 160 * np.arange(n)[:, None]]
+    pspec = 1.0 / 512 * np.square(np.abs(np.fft.rfft(frames, 512)))
+    feat = np.dot(pspec, _psf_filterbank(num_bands).T)
+    feat = np.where(feat == 0, np.finfo(float).eps, feat)
+    return np.array([(v - np.mean(v)) / max(np.std(v), 1e-12) for v in feat], dtype=np.float32)
+
+
+@pytest.mark.parametrize("seconds", [0.025, 0.4, 0.65, 0.66, 1.3, 7.0])  # 1, 39, 64, 65, 129, 699 frames
+def test_fbank_equals_the_original_formula_bit_for_bit(seconds):
+    # frame counts around the kernel's batch of FFT_LANES frames: a frame's result must not depend on its batch
+    x = _speechy(seconds, seed=3)
+    np.testing.assert_array_equal(fbank_original(x), _psf_reference(x))
+
+
+def test_fbank_num_bands_other_than_64_and_above_the_pairwise_block():
+    x = _speechy(0.5, seed=1)
+    for bands in (5, 40, 130):  # 130 > 128: numpy's recursive pairwise sum, done by numpy itself
+        np.testing.assert_array_equal(fbank_original(x, num_bands=bands), _psf_reference(x, bands))
+
+
+@pytest.mark.parametrize("nfft, frame_len, step, start", [(512, 400, 160, 0), (400, 400, 160, -200),
+                                                          (512, 600, 100, -650), (16, 10, 3, 5)])
+def test_band_energies_kernel_equals_numpy_power_spectrum(nfft, frame_len, step, start):
+    rng = np.random.default_rng(nfft + frame_len)
+    signal = rng.standard_normal(step * F.FFT_LANES + 1000).astype(np.float32)
+    count = (signal.shape[0] - start) // step + 2  # the last frames reach past the end
+    window = rng.uniform(0.5, 1.0, frame_len)
+    filterbank = rng.uniform(0, 1, (nfft // 2 + 1, 7)) * (rng.random((nfft // 2 + 1, 7)) < 0.3)
+    got = F._band_energies(signal, start, count, step, window, nfft, F._sparse_bands(filterbank))
+    # frame t = signal[start + t step :][:frame_len], zeros outside the signal; rfft(x, nfft) zero-pads shorter
+    # frames and cuts longer ones
+    padded = np.concatenate([np.zeros(max(0, -start)), signal, np.zeros(count * step + frame_len)])
+    first = start + max(0, -start)
+    frames = padded[first + step * np.arange(count)[:, None] + np.arange(frame_len)[None, :]]
+    expected = np.abs(np.fft.rfft(frames * window, nfft)) ** 2 @ filterbank
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * expected.max())
+
+
+def test_band_energies_rejects_fft_sizes_it_cannot_do():
+    with pytest.raises(ValueError, match="FFT size 514"):
+        F._fft_plan(514)  # 257 points: a prime
+
+
+def test_frame_normalisation_is_numpys_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for bands in (3, 8, 13, 64, 128, 200):
+        feat = rng.exponential(1.0, (50, bands)) * rng.uniform(1e-6, 1e6, (50, 1))
+        feat[0, :2] = 0.0  # zero energies become float eps first
+        expected = np.where(feat == 0, np.finfo(float).eps, feat)
+        expected = np.array([(v - np.mean(v)) / max(np.std(v), 1e-12) for v in expected], dtype=np.float32)
+        np.testing.assert_array_equal(F._normalize_frames(feat), expected)
+
+
 # --- logmel_cmn ----------------------------------------------------------------------
 
 
@@ -127,6 +199,20 @@ def test_logmel_cmn_zero_mean_per_band():
     assert feats.dtype == np.float32 and feats.shape == (num_frames(32000), 64)
     np.testing.assert_allclose(feats.mean(axis=0), 0.0, atol=1e-4)
     assert feats.std(axis=0).min() > 0  # not degenerate
+
+
+def test_logmel_cmn_is_the_float64_computation_rounded_to_float32():
+    x = _speechy(30.0, seed=2)  # long: a float32 mean over 3,000 frames would drift by ~1e-5
+    librosa = pytest.importorskip("librosa")
+    n = num_frames(len(x))
+    padded = np.concatenate([x, np.zeros((n - 1) * 160 + 400 - len(x), np.float32)]).astype(np.float64)
+    frames = padded[np.arange(400)[None, :] + 160 * np.arange(n)[:, None]]
+    frames *= 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    mel = np.abs(np.fft.rfft(frames, 512)) ** 2 @ librosa.filters.mel(
+        sr=16000, n_fft=512, n_mels=64, fmin=20, fmax=8000, dtype=np.float32).T.astype(np.float64)
+    expected = np.log(mel + 1e-6)
+    expected -= expected.mean(axis=0)
+    np.testing.assert_allclose(logmel_cmn(x), expected, rtol=0, atol=4 * np.spacing(np.float32(16)))
 
 
 def test_logmel_cmn_matches_librosa_computation():
@@ -162,6 +248,48 @@ def test_trim_threshold_is_95th_percentile():
     np.testing.assert_array_equal(trim_silence_original(x), x[210:250])
 
 
+def _trim_reference(signal: np.ndarray) -> np.ndarray:
+    energy = np.abs(signal)
+    loud = np.flatnonzero(energy > np.percentile(energy, 95))
+    return signal if loud.shape[0] < 2 else signal[loud[0] : loud[-1]]
+
+
+def test_trim_equals_the_percentile_formula_on_random_signals():
+    rng = np.random.default_rng(7)
+    for trial in range(600):
+        n = int(rng.integers(1, 4000))
+        x = (rng.standard_normal(n) * rng.uniform(1e-4, 0.5)).astype(np.float32)
+        if trial % 3 == 1:
+            x = (np.round(x * 40) / 40).astype(np.float32)  # ties at the threshold
+        if trial % 3 == 2:  # magnitudes a few float32 steps apart: the interpolation's rounding matters
+            base = np.float32(rng.uniform(0.01, 0.9))
+            x = (base + np.spacing(base) * rng.integers(-6, 7, n)).astype(np.float32) * rng.choice([-1, 1], n)
+            x = x.astype(np.float32)
+        np.testing.assert_array_equal(trim_silence_original(x), _trim_reference(x))
+
+
+def test_trim_threshold_can_round_onto_the_next_sample():
+    # 22 samples: np.percentile interpolates 95% of the way from 0.5 to the next float32, which rounds onto it;
+    # so the two samples at that value are NOT louder than the threshold and nothing is trimmed
+    a = np.float32(0.5)
+    b = np.nextafter(a, np.float32(1))
+    x = np.full(22, 0.001, np.float32)
+    x[2], x[10], x[18] = b, a, -b
+    assert np.percentile(np.abs(x), 95) == b
+    np.testing.assert_array_equal(trim_silence_original(x), x)
+    x[10] = 0.25  # now the threshold falls strictly between 0.25 and b: both b samples are loud
+    np.testing.assert_array_equal(trim_silence_original(x), x[2:18])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_trim_non_finite_and_float64_signals_follow_the_formula(bad):
+    x = _speechy(0.2)
+    x[100] = bad
+    np.testing.assert_array_equal(trim_silence_original(x), _trim_reference(x))
+    y = _speechy(0.2).astype(np.float64)
+    np.testing.assert_array_equal(trim_silence_original(y), _trim_reference(y))
+
+
 @pytest.mark.parametrize("case", ["zeros", "one_loud", "constant", "empty"])
 def test_trim_degenerate_cases_return_input(case):
     x = {
@@ -186,12 +314,13 @@ def test_registry_and_extract():
         extract(x, "mfcc39")
 
 
-def test_mfcc_stats_is_mean_and_std_of_librosa_mfcc():
+@pytest.mark.parametrize("seconds, n_mfcc", [(1.0, 20), (0.1, 20), (12.0, 13)])
+def test_mfcc_stats_is_mean_and_std_of_librosa_mfcc(seconds, n_mfcc):
     librosa = pytest.importorskip("librosa")
-    x = _speechy(1.0)
-    vec = mfcc_stats(x)
-    assert vec.dtype == np.float32 and vec.shape == (40,)
-    m = librosa.feature.mfcc(y=x, sr=16000, n_mfcc=20, n_fft=400, hop_length=160, n_mels=64)
+    x = _speechy(seconds)
+    vec = mfcc_stats(x, n_mfcc=n_mfcc)
+    assert vec.dtype == np.float32 and vec.shape == (2 * n_mfcc,)
+    m = librosa.feature.mfcc(y=x, sr=16000, n_mfcc=n_mfcc, n_fft=400, hop_length=160, n_mels=64)
     np.testing.assert_allclose(vec, np.concatenate([m.mean(axis=1), m.std(axis=1)]), rtol=1e-5, atol=1e-4)
 
 

@@ -237,6 +237,25 @@ def test_det_points_downsampled_monotone_keeps_key_points():
         det_points(s, y, max_points=3)
 
 
+def test_unweighted_curve_with_ties_equals_the_stable_weighted_one():
+    # unweighted trials take numpy's unstable sort; counts before each group of equal scores cannot depend on the
+    # order inside the group, so the curve is the one the stable (weighted) path gives with unit weights
+    rng = np.random.default_rng(3)
+    s, y = _random_trials(rng, n=20000)
+    s = np.round(s, 1)  # ~100 distinct scores: big groups of ties
+    for got, expected in zip(roc_curve(s, y), roc_curve(s, y, weights=np.ones(s.size))):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_score_summary_sorts_once(monkeypatch):
+    calls = []
+    sort = M._sort_trials
+    monkeypatch.setattr(M, "_sort_trials", lambda *a, **k: calls.append(1) or sort(*a, **k))
+    s, y = _random_trials(np.random.default_rng(1), n=500)
+    M.score_summary(s, y)
+    assert len(calls) == 1
+
+
 def test_score_summary_json_and_counts():
     rng = np.random.default_rng(5)
     s, y = _random_trials(rng, n=1000)

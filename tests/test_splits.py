@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -46,3 +47,56 @@ def test_trials_counts_and_labels():
     small = make_trials(split, max_nontarget=5, seed=0)
     assert (small.label == 0).sum() == 5 and small.label.sum() == 18
     pd.testing.assert_frame_equal(small, make_trials(split, max_nontarget=5, seed=0))
+
+
+def _all_pairs_trials(utterances, max_nontarget, seed):
+    """The trial list by listing every pair (the definition make_trials follows without the memory)."""
+    ev = utterances[utterances.role == "evaluation"].sort_values("utterance").reset_index(drop=True)
+    utt, spk = ev["utterance"].to_numpy(), ev["speaker"].to_numpy()
+    i, j = np.triu_indices(len(ev), k=1)
+    same = spk[i] == spk[j]
+    ni, nj = i[~same], j[~same]
+    if len(ni) > max_nontarget:
+        keep = np.sort(np.random.default_rng(seed).choice(len(ni), size=max_nontarget, replace=False))
+        ni, nj = ni[keep], nj[keep]
+    a, b = np.concatenate([i[same], ni]), np.concatenate([j[same], nj])
+    return pd.DataFrame({"label": np.r_[np.ones(same.sum(), int), np.zeros(len(ni), int)],
+                         "enroll": utt[a], "test": utt[b], "enroll_speaker": spk[a], "test_speaker": spk[b]})
+
+
+def test_trials_equal_the_all_pairs_definition():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        # interleaved ids: a speaker's utterances are not contiguous once sorted; some speakers have one
+        rows = [(f"{rng.integers(10**6):06d}-{s}-{u}", f"s{s}", "evaluation")
+                for s in range(int(rng.integers(2, 9))) for u in range(int(rng.integers(1, 8)) + (s == 0))]
+        split = pd.DataFrame(rows, columns=["utterance", "speaker", "role"]).drop_duplicates("utterance")
+        cap = int(rng.integers(1, 40))
+        pd.testing.assert_frame_equal(make_trials(split, max_nontarget=cap, seed=trial),
+                                      _all_pairs_trials(split, cap, trial))
+
+
+def test_trials_memory_follows_the_trials_not_the_pairs():
+    import tracemalloc
+
+    # 20,000 evaluation utterances: 200 million pairs (3.2 GB of int64 pair indices if listed)
+    rows = pd.DataFrame({"utterance": [f"u{k:05d}" for k in range(20000)],
+                         "speaker": [f"s{k % 400:03d}" for k in range(20000)], "role": "evaluation"})
+    tracemalloc.start()
+    trials = make_trials(rows, max_nontarget=1000, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert trials.label.sum() == 400 * (50 * 49 // 2) and (trials.label == 0).sum() == 1000
+    assert (trials.enroll_speaker != trials.test_speaker).eq(trials.label == 0).all()
+    assert peak < 150e6
+
+
+def test_trials_need_targets_and_nontargets():
+    one_each = pd.DataFrame({"utterance": ["a", "b", "c"], "speaker": ["x", "y", "z"], "role": "evaluation"})
+    with pytest.raises(SplitError, match="gives 0 target and 3 non-target trials"):
+        make_trials(one_each, max_nontarget=10, seed=0)
+    one_speaker = one_each.assign(speaker="x")
+    with pytest.raises(SplitError, match="gives 3 target and 0 non-target trials"):
+        make_trials(one_speaker, max_nontarget=10, seed=0)
+    with pytest.raises(SplitError, match="gives 0 target and 0 non-target"):
+        make_trials(one_each.assign(role="train"), max_nontarget=10, seed=0)

@@ -75,9 +75,13 @@ def _check_trials(scores, labels, weights=None):
 # ----------------------------------------------------------------------------------------------------------
 # ROC core: shared by roc_curve and the bootstrap (which sorts once and re-weights many times)
 # ----------------------------------------------------------------------------------------------------------
-def _sort_trials(s):
-    """Sort once; return (order, group starts in sorted order, thresholds incl. the reject-all point)."""
-    order = np.argsort(s, kind="stable")
+def _sort_trials(s, stable=True):
+    """Sort once; return (order, group starts in sorted order, thresholds incl. the reject-all point).
+
+    The order within a group of equal scores only matters to float prefix sums of weights; integer counts
+    (unweighted trials) are exact in any order, so those may use numpy's faster unstable (SIMD) sort.
+    """
+    order = np.argsort(s, kind="stable" if stable else None)
     ss = s[order]
     # index of the first trial of each group of equal scores: equal scores must share one threshold
     starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
@@ -121,7 +125,7 @@ def roc_curve(scores, labels, weights=None):
     scores. ``weights`` (optional, non-negative) weights each trial, e.g. for bootstrap resampling.
     """
     s, y, w = _check_trials(scores, labels, weights)
-    order, starts, thresholds = _sort_trials(s)
+    order, starts, thresholds = _sort_trials(s, stable=w is not None)
     fpr, fnr = _rates_sorted(y[order], None if w is None else w[order], starts)
     return fpr, fnr, thresholds
 
@@ -169,11 +173,19 @@ def min_dcf(scores, labels, p_target=0.01, c_miss=1.0, c_fa=1.0, weights=None):
     operating points including accept-all and reject-all, one of which costs exactly 1 after normalisation,
     so the result is always in [0, 1]. Ties go to the lowest threshold.
     """
+    _check_costs(p_target, c_miss, c_fa)
+    return _min_dcf_from_curve(*roc_curve(scores, labels, weights), p_target, c_miss, c_fa)
+
+
+def _check_costs(p_target, c_miss, c_fa):
     if not 0.0 < p_target < 1.0:
         raise ValueError(f"p_target must be in (0, 1), got {p_target}")
     if not (c_miss > 0 and c_fa > 0):
         raise ValueError("c_miss and c_fa must be positive")
-    fpr, fnr, thr = roc_curve(scores, labels, weights)
+
+
+def _min_dcf_from_curve(fpr, fnr, thr, p_target, c_miss=1.0, c_fa=1.0):
+    """:func:`min_dcf` on a curve from :func:`roc_curve`."""
     dcf = c_miss * p_target * fnr + c_fa * (1.0 - p_target) * fpr
     dcf /= min(c_miss * p_target, c_fa * (1.0 - p_target))
     k = int(np.argmin(dcf))
@@ -215,10 +227,12 @@ def det_points(scores, labels, max_points=200):
 
 
 def score_summary(scores, labels, p_target=0.01):
-    """EER and minDCF with trial counts, as plain Python numbers (``json.dumps``-able)."""
+    """EER and minDCF with trial counts, as plain Python numbers (``json.dumps``-able); one sort for both."""
     s, y, _ = _check_trials(scores, labels)
-    e, et = eer(s, y)
-    c, ct = min_dcf(s, y, p_target=p_target)
+    _check_costs(p_target, 1.0, 1.0)
+    curve = roc_curve(s, y)
+    e, et = _eer_from_curve(*curve)
+    c, ct = _min_dcf_from_curve(*curve, p_target)
     return {
         "eer": float(e),
         "eer_threshold": float(et),

@@ -1,9 +1,14 @@
 """Fit loops: softmax pre-training, triplet fine-tuning, and heads on a frozen embedding model.
 
 Each returns the trained embedding model (features -> L2-normalised vector) and a per-epoch history table.
+Softmax and triplet training run under a tf.distribute strategy and precision (voiceprint/distribute.py) and save
+a checkpoint after every epoch to resume from (voiceprint/resume.py); see the section "Strategies, precision and
+resume" below.
 """
 from __future__ import annotations
 
+import copy
+import random
 from dataclasses import dataclass
 
 import keras
@@ -12,9 +17,11 @@ import pandas as pd
 
 from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatches, VectorSpeakerBatches
 from voiceprint.checkpoint import import_original_weights
+from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
 from voiceprint.losses import CLASSIFICATION, get_loss, output_layer
 from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
+from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
 from voiceprint.store import FeatureStore
 
 
@@ -30,19 +37,16 @@ def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
     return store.position(rows.utterance), rows.label.to_numpy()
 
 
-def _history(hist: keras.callbacks.History) -> pd.DataFrame:
-    frame = pd.DataFrame(hist.history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    return frame
-
-
 def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: int, embedding_dim: int,
                   frames: int, epochs: int, batch_size: int, lr: float, dropout: float, seed: int,
-                  init_checkpoint=None, verbose: int = 2) -> Trained:
+                  init_checkpoint=None, distribution: Distribution | None = None,
+                  checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
     """Softmax over the training speakers; validation = held-out utterances of the same speakers.
 
     ``init_checkpoint``: an original-format Deep Speaker ``.h5`` to start from (its classifier is skipped when
-    the speaker count differs)."""
+    the speaker count differs). ``distribution``: strategy and precision (default: one device, float32);
+    ``batch_size`` is the global batch. ``checkpoint``: saved after every epoch and resumed from (resume.py)."""
+    distribution = distribution or local()
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
     num_classes = int(train_lab.max()) + 1
@@ -50,36 +54,260 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: 
                                          num_bands=store.num_bands, num_classes=num_classes, dropout=dropout)
     if init_checkpoint is not None:
         print(import_original_weights(classifier, init_checkpoint).summary())
-    classifier.compile(optimizer=keras.optimizers.Adam(lr), loss=get_loss("softmax"),
-                       metrics=["accuracy"], jit_compile=False)
+    trainer = _training_copy(classifier, distribution)
+    with distribution.strategy.scope():
+        trainer.compile(optimizer=_optimizer(lr, distribution), loss=get_loss("softmax"), metrics=["accuracy"],
+                        jit_compile=False)
     train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed)
     val = (ClassificationBatches(store, val_pos, val_lab, batch_size=batch_size, frames=frames, seed=seed,
                                  shuffle=False) if len(val_pos) else None)
-    hist = classifier.fit(train, validation_data=val, epochs=epochs, verbose=verbose)
-    return Trained(embedding, _history(hist))
+    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
+                   verbose=verbose)
+    _copy_weights(trainer, classifier)
+    return Trained(embedding, history)
 
 
 def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, *, alpha: float, epochs: int,
                   steps_per_epoch: int, speakers_per_batch: int, utterances_per_speaker: int, frames: int,
-                  lr: float, seed: int, verbose: int = 2) -> Trained:
+                  lr: float, seed: int, distribution: Distribution | None = None,
+                  checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
     Validation loss: fixed P x K batches of the held-out utterances of training speakers.
-    ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is)."""
+    ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is).
+    With several replicas each holds a slice of the P x K batch, and the embeddings are gathered from all replicas
+    before mining, so negatives come from the whole global batch exactly as on one device."""
     if epochs == 0:
         return Trained(model, pd.DataFrame(columns=["epoch", "loss", "val_loss"]))
+    distribution = distribution or local()
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=get_loss("triplet", alpha=alpha), jit_compile=False)
+    trainer = _training_copy(model, distribution)
+    with distribution.strategy.scope():
+        trainer.compile(optimizer=_optimizer(lr, distribution),
+                        loss=_mined_over_all_replicas(get_loss("triplet", alpha=alpha), distribution),
+                        jit_compile=False)
     batches = dict(speakers_per_batch=speakers_per_batch, utterances_per_speaker=utterances_per_speaker,
                    frames=frames)
     train = SpeakerBatches(store, train_pos, train_lab, steps=steps_per_epoch, seed=seed, **batches)
     val = None
     if len(np.unique(val_lab)) >= 2:
-        # Same seed every epoch (epoch counter never advances on validation data): a fixed validation set.
         val = SpeakerBatches(store, val_pos, val_lab, steps=max(1, steps_per_epoch // 5), seed=seed + 1,
                              **batches)
-    hist = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose)
-    return Trained(model, _history(hist))
+    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
+                   verbose=verbose)
+    _copy_weights(trainer, model)
+    return Trained(model, history)
+
+
+# --- Strategies, precision and resume (train_softmax, train_triplet) ---
+
+# Everything from the time pooling on runs in float32 under mixed precision: the pooled statistics, the embedding,
+# its normalisation and the logits (the losses cast to float32 themselves).
+FLOAT32_LAYERS = ("average", "dropout", "affine", "ln", "dense")
+
+
+def _training_copy(model: keras.Model, distribution: Distribution) -> keras.Model:
+    """The model training updates: ``model`` itself on one device in float32 (results as before strategies);
+    otherwise a copy with the same weights built in the strategy's scope, its convolutions in the
+    distribution's precision, and BatchNormalization synchronised across replicas (statistics of the global
+    batch, as on one device). ``_copy_weights`` brings the trained weights back into ``model``, so what is saved
+    is always a plain float32 model."""
+    if not distribution.trains_a_copy:
+        return model
+
+    def rebuild(layer):
+        config = layer.get_config()
+        if distribution.replicas > 1 and isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = True
+        if layer.name not in FLOAT32_LAYERS:
+            config["dtype"] = distribution.precision
+        return layer.__class__.from_config(config)
+
+    # Building layers draws their default seeds from Python's random, which also orders the epochs' batches
+    # (_EpochMajor): restore it, so every strategy reads the batches in the same order.
+    draws = random.getstate()
+    with distribution.strategy.scope():
+        trainer = keras.models.clone_model(model, clone_function=rebuild)
+    random.setstate(draws)
+    for source, target in zip(model.variables, trainer.variables):     # weights and dropout seed state
+        target.assign(source)
+    return trainer
+
+
+def _copy_weights(trainer: keras.Model, model: keras.Model) -> None:
+    if trainer is not model:
+        model.set_weights(trainer.get_weights())
+
+
+def _optimizer(lr: float, distribution: Distribution):
+    adam = keras.optimizers.Adam(lr)
+    # float16 gradients underflow without loss scaling; the wrapper scales the loss and skips overflowing steps.
+    return keras.optimizers.LossScaleOptimizer(adam) if distribution.precision == "mixed_float16" else adam
+
+
+def _mined_over_all_replicas(loss_fn, distribution: Distribution):
+    """``loss_fn`` (labels, embeddings of the whole batch -> scalar) on the embeddings of all replicas.
+
+    all_gather's gradient sums what every replica sends back to this replica's slice, so each replica's
+    embeddings get the gradient of the global-batch loss. Keras divides per-sample losses by the replica count
+    before summing gradients over replicas but passes scalar losses through, hence the explicit division."""
+    if distribution.replicas == 1:
+        return loss_fn
+    import tensorflow as tf
+
+    def over_all_replicas(y_true, y_pred):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return loss_fn(y_true, y_pred)
+        labels = context.all_gather(tf.reshape(y_true, (-1,)), axis=0)
+        embeddings = context.all_gather(y_pred, axis=0)
+        return loss_fn(labels, embeddings) / context.num_replicas_in_sync
+
+    return over_all_replicas
+
+
+# The epoch counter each batch sequence had in Keras 3's fit before resume existed (fit calls on_epoch_end once
+# when it starts, then once per pass; evaluate adds one more per pass). Batches are drawn from (seed, counter,
+# batch), so keeping these counters keeps the default results bit-identical.
+def _train_counter(epoch: int) -> int:
+    return epoch + 1
+
+
+def _validation_counter(epoch: int) -> int:
+    return 2 * epoch + 1
+
+
+class _EpochMajor(keras.utils.PyDataset):
+    """The training batches of epochs ``first_epoch`` .. ``epochs - 1`` as one sequence (read unshuffled):
+    item i is the ``i % n``-th batch of epoch ``first_epoch + i // n`` in that epoch's order. Epoch and order come
+    from the index, not from when Keras calls ``on_epoch_end``, so pipelines that prefetch across the epoch boundary
+    (distributed ones) and resumed runs read exactly the batches of an uninterrupted single-device run.
+
+    The per-epoch orders are the ones Keras' ``fit(shuffle=True)`` drew before: one ``random.shuffle`` per epoch
+    from Python's global ``random``, whose state when training starts is set by the seed (so a resumed run draws
+    the finished epochs' orders again, and leaves the state where an uninterrupted run would)."""
+
+    def __init__(self, batches, *, first_epoch: int, epochs: int):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.batches, self.first_epoch, self.epochs = batches, first_epoch, epochs
+        self.orders = []
+        for _ in range(epochs):
+            order = list(range(len(batches)))
+            random.shuffle(order)
+            self.orders.append(order)
+
+    def __len__(self):
+        return (self.epochs - self.first_epoch) * len(self.batches)
+
+    def __getitem__(self, i):
+        epoch, position = divmod(i, len(self.batches))
+        epoch += self.first_epoch
+        return _at_counter(self.batches, _train_counter(epoch))[self.orders[epoch][position]]
+
+
+class _ValidationOf(keras.utils.PyDataset):
+    """The validation batches of epoch ``self.epoch`` (set by ``_EpochEnds`` when an epoch begins)."""
+
+    def __init__(self, batches):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.batches, self.epoch = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return _at_counter(self.batches, _validation_counter(self.epoch))[i]
+
+
+def _at_counter(batches, counter: int):
+    """A shallow copy of ``batches`` with its epoch counter set: reads from several threads (a prefetching
+    pipeline, a discarded one still running) never change each other's epoch."""
+    view = copy.copy(batches)
+    view.epoch = counter
+    return view
+
+
+class _EpochEnds(keras.callbacks.Callback):
+    """Per epoch: points the validation batches at it, records the history row and saves the checkpoint (every
+    worker reads the variables, a collective step under multi-worker training; only the chief writes)."""
+
+    def __init__(self, validation: _ValidationOf | None, history: list[dict], checkpoint: Checkpoint | None,
+                 state: list):
+        super().__init__()
+        self.validation, self.history, self.checkpoint, self.state = validation, history, checkpoint, state
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.validation is not None:
+            self.validation.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        if self.checkpoint is not None:
+            self.checkpoint.save(Snapshot(epoch + 1, list(self.history), [v.value.numpy() for v in self.state]))
+
+
+def _prepare_for_strategy(trainer: keras.Model, batch, distribution: Distribution) -> None:
+    """Work around Keras 3's ``fit`` under tf.distribute strategies (keras-team/keras#20585), on this trainer only.
+
+    1. ``fit`` builds the compiled loss and metrics from a batch it peeks at and averages across replicas, which
+       fails when replicas hold slices of different sizes (a global batch not divisible by the replica count),
+       and always under MultiWorkerMirroredStrategy: build them from a host batch instead (only the shapes
+       matter) and skip that step.
+    2. Under MultiWorkerMirroredStrategy ``fit`` averages each step's logs along axis 0, which fails on scalars:
+       the steps return them as 1-vectors. The epoch history is unaffected: Keras reads it from the metrics,
+       aggregated over all replicas."""
+    import tensorflow as tf
+
+    with distribution.strategy.scope():
+        trainer._symbolic_build(data_batch=batch)
+    trainer._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if distribution.name == "multi_worker":
+        for name in ("train_step", "test_step"):
+            step = getattr(trainer, name)
+            setattr(trainer, name, lambda data, step=step: {k: tf.reshape(v, (1,)) for k, v in step(data).items()})
+
+
+def _check_same_start(distribution: Distribution, epochs_done: int) -> None:
+    """Every worker must resume from the same epoch (else their collective steps would not match): the sum of
+    the epochs done over all replicas is ``replicas x epochs_done`` on every worker exactly when they agree."""
+    import tensorflow as tf
+
+    strategy = distribution.strategy
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(epochs_done))
+    total = int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+    if total != epochs_done * distribution.replicas:
+        raise ValueError(f"multi-worker training: the workers found different checkpoints (this one: "
+                         f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
+                         "share, or set VOICEPRINT_RESUME=0")
+
+
+def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distribution,
+         checkpoint: Checkpoint | None, verbose: int) -> pd.DataFrame:
+    """``trainer.fit`` over the batch sequences; with a checkpoint, resumed from it and saved every epoch.
+    Returns the per-epoch history (restored epochs included)."""
+    history, state = [], []
+    if checkpoint is not None:
+        with distribution.strategy.scope():
+            trainer.optimizer.build(trainer.trainable_variables)    # its variables are part of the state
+        # Model variables include the dropout seed state, not the metrics (reset every epoch).
+        state = list(trainer.variables) + list(trainer.optimizer.variables)
+        snapshot = checkpoint.load([tuple(v.shape) for v in state])
+        if snapshot is not None:
+            for variable, value in zip(state, snapshot.arrays):
+                variable.assign(value)
+            history = list(snapshot.history)
+        if distribution.name == "multi_worker":
+            _check_same_start(distribution, len(history))
+    if len(history) < epochs:       # else: killed after the last epoch's checkpoint, before the outputs
+        validation = _ValidationOf(val) if val is not None else None
+        if distribution.name != "auto":
+            _prepare_for_strategy(trainer, train[0], distribution)
+        # Under a strategy Keras splits every global batch across the replicas (and workers).
+        trainer.fit(_EpochMajor(train, first_epoch=len(history), epochs=epochs),
+                    steps_per_epoch=len(train), shuffle=False, epochs=epochs, initial_epoch=len(history),
+                    validation_data=validation, verbose=verbose,
+                    callbacks=[_EpochEnds(validation, history, checkpoint, state)])
+    return pd.DataFrame(history)
 
 
 def crop_inputs(source: keras.Model, store: FeatureStore, positions, *, crops: int, frames: int,

@@ -1,0 +1,260 @@
+"""Resuming interrupted training: fingerprinted checkpoints, bit-exact resumed runs, and a stage killed mid-epoch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from voiceprint.resume import CHECKPOINT_FILE, Checkpoint, Snapshot, enabled, fingerprint
+from voiceprint.runtime import configure_tensorflow
+from voiceprint.store import FeatureStore, StoreWriter
+
+TINY_MODEL = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, dropout=0.1)
+SPLIT_COLUMNS = ["utterance", "speaker", "role", "label", "reason"]
+
+
+def write_tiny_inputs(root: Path, *, speakers: int = 6, utterances: int = 4, seed: int = 0):
+    """A stage's inputs in ``root``: data/features (random speaker-clustered frames), data/model_inputs (the last
+    two speakers for evaluation, utterance 0 of the others for validation). Returns (store, split)."""
+    rng = np.random.default_rng(seed)
+    writer = StoreWriter(root / "data/features", num_bands=64, kind="test")
+    rows = []
+    for s in range(speakers):
+        centre = rng.normal(size=64)
+        for u in range(utterances):
+            feats = centre + 0.5 * rng.normal(size=(int(rng.integers(20, 60)), 64))
+            writer.add(f"s{s}-{u}", f"s{s}", f"s{s}/{u}.flac", feats, rng.normal(size=40))
+            evaluation = s >= speakers - 2
+            role = "evaluation" if evaluation else ("validation" if u == 0 else "train")
+            rows.append((f"s{s}-{u}", f"s{s}", role, -1 if evaluation else s, ""))
+    writer.close()
+    split = pd.DataFrame(rows, columns=SPLIT_COLUMNS)
+    (root / "data/model_inputs").mkdir(parents=True)
+    split.to_csv(root / "data/model_inputs/utterances.csv", index=False)
+    pd.DataFrame(columns=["label", "enroll", "test", "enroll_speaker", "test_speaker"]).to_csv(
+        root / "data/model_inputs/trials.csv", index=False)
+    return FeatureStore.open(root / "data/features"), split
+
+
+def write_stage_params(root: Path, **sections) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stage_env(**extra) -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", OPENBLAS_NUM_THREADS="1",
+                VOICEPRINT_THREADS="1", **extra)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def _weights(model):
+    return b"".join(np.asarray(w).tobytes() for w in model.weights)
+
+
+# --- fingerprints and the checkpoint file ---
+
+def test_fingerprint_covers_settings_and_bytes_not_location(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub/x.bin").write_bytes(b"\x00\x01")
+        (tmp_path / name / "y.txt").write_text("y")
+    base = fingerprint({"lr": 0.001, "filters": [4, 8]}, [tmp_path / "a"])
+    # pinned: a change of the scheme invalidates every checkpoint, which must be deliberate
+    assert base == "b8bc4e79e8b3aafb74611509ecd2f43ca4e1e88f945b9df4d89c1121f808ef82"
+    assert fingerprint({"filters": [4, 8], "lr": 0.001}, [tmp_path / "b"]) == base     # key order, location
+    assert fingerprint({"lr": 0.002, "filters": [4, 8]}, [tmp_path / "a"]) != base
+    (tmp_path / "b/sub/x.bin").write_bytes(b"\x00\x02")
+    assert fingerprint({"lr": 0.001, "filters": [4, 8]}, [tmp_path / "b"]) != base
+    with pytest.raises(FileNotFoundError, match="missing: input of the training stage not found"):
+        fingerprint({}, [tmp_path / "missing"])
+
+
+def test_resume_switch(monkeypatch):
+    monkeypatch.delenv("VOICEPRINT_RESUME", raising=False)
+    assert enabled()
+    monkeypatch.setenv("VOICEPRINT_RESUME", "0")
+    assert not enabled()
+    monkeypatch.setenv("VOICEPRINT_RESUME", "no")
+    with pytest.raises(ValueError, match="VOICEPRINT_RESUME must be 0 or 1, got 'no'"):
+        enabled()
+
+
+def test_checkpoint_round_trip_and_every_reason_to_start_over(tmp_path, capsys):
+    directory = tmp_path / "checkpoint"
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7], dtype=np.int64)]
+    history = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    Checkpoint(directory, "abc").save(Snapshot(2, history, arrays))
+    assert sorted(p.name for p in directory.iterdir()) == [CHECKPOINT_FILE]     # no temporary file left
+
+    loaded = Checkpoint(directory, "abc").load([(2, 3), (1,)])
+    assert loaded.epoch == 2 and loaded.history == history
+    for got, want in zip(loaded.arrays, arrays):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert "resuming from" in capsys.readouterr().out
+
+    assert Checkpoint(directory, "other").load([(2, 3), (1,)]) is None
+    assert "made with other params, inputs or code; training starts over" in capsys.readouterr().out
+    assert Checkpoint(directory, "abc").load([(2, 3)]) is None
+    assert "its 2 variables do not fit the model's 1" in capsys.readouterr().out
+    (directory / CHECKPOINT_FILE).write_bytes(b"torn")
+    assert Checkpoint(directory, "abc").load([(2, 3), (1,)]) is None
+    assert "it cannot be read" in capsys.readouterr().out
+    assert Checkpoint(tmp_path / "none", "abc").load([]) is None         # nothing to resume: silent
+    assert capsys.readouterr().out == ""
+
+    reader = Checkpoint(tmp_path / "worker", "abc", writer=False)       # multi-worker, not the chief
+    reader.save(Snapshot(1, history[:1], arrays))
+    assert not reader.directory.exists()
+    Checkpoint(directory, "abc").remove()
+    assert not directory.exists()
+
+
+# --- resumed training equals uninterrupted training, bit for bit ---
+
+def _fail_at(monkeypatch, batches_class, *, counter: int, batch: int, seed: int):
+    """Make ``batches_class`` raise when batch ``batch`` of epoch counter ``counter`` (training batches of
+    ``seed``) is read: training dies in the middle of that epoch."""
+    original = batches_class.__getitem__
+
+    def failing(self, i):
+        if self.seed == seed and self.epoch == counter and i == batch:
+            raise RuntimeError("injected interruption")
+        return original(self, i)
+
+    monkeypatch.setattr(batches_class, "__getitem__", failing)
+
+
+def _saved_epoch(directory: Path) -> int:
+    with np.load(directory / CHECKPOINT_FILE, allow_pickle=False) as data:
+        return json.loads(bytes(data["meta"]).decode())["epoch"]
+
+
+def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch, capsys):
+    from voiceprint.batching import ClassificationBatches
+    from voiceprint.training import _train_counter, train_softmax
+
+    store, split = tiny
+    settings = dict(epochs=3, batch_size=4, lr=1e-3, seed=5, verbose=0, **TINY_MODEL)
+    configure_tensorflow(5)
+    straight = train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "straight", "f"), **settings)
+    assert _saved_epoch(tmp_path / "straight") == 3
+
+    # dies while reading batch 1 of the second epoch (index 1): the checkpoint holds epoch 1
+    _fail_at(monkeypatch, ClassificationBatches, counter=_train_counter(1), batch=1, seed=5)
+    configure_tensorflow(5)
+    with pytest.raises(Exception, match="injected interruption"):
+        train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "killed", "f"), **settings)
+    assert _saved_epoch(tmp_path / "killed") == 1
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    configure_tensorflow(5)
+    resumed = train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "killed", "f"), **settings)
+    assert "1 epoch(s) done" in capsys.readouterr().out
+    assert _weights(resumed.model) == _weights(straight.model)
+    pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
+
+    # no checkpoint at all: the same run as before resume existed
+    configure_tensorflow(5)
+    plain = train_softmax(store, split, **settings)
+    assert _weights(plain.model) == _weights(straight.model)
+    pd.testing.assert_frame_equal(plain.history, straight.history, check_exact=True)
+
+
+def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tmp_path, monkeypatch, capsys):
+    from voiceprint.batching import SpeakerBatches
+    from voiceprint.training import _train_counter, train_softmax, train_triplet
+
+    store, split = tiny
+    configure_tensorflow(1)
+    base = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=1, verbose=0, **TINY_MODEL).model
+    start = base.get_weights()
+    settings = dict(alpha=0.5, epochs=3, steps_per_epoch=3, speakers_per_batch=2, utterances_per_speaker=2,
+                    frames=32, lr=1e-3, seed=7, verbose=0)
+
+    def run(directory, fingerprint_value="f"):
+        base.set_weights(start)
+        configure_tensorflow(7)
+        return train_triplet(base, store, split, checkpoint=Checkpoint(directory, fingerprint_value), **settings)
+
+    straight = run(tmp_path / "straight")
+    straight_weights = _weights(straight.model)
+
+    _fail_at(monkeypatch, SpeakerBatches, counter=_train_counter(2), batch=1, seed=7)
+    with pytest.raises(Exception, match="injected interruption"):
+        run(tmp_path / "killed")
+    assert _saved_epoch(tmp_path / "killed") == 2
+    monkeypatch.undo()
+
+    capsys.readouterr()
+    resumed = run(tmp_path / "killed")
+    assert "2 epoch(s) done" in capsys.readouterr().out
+    assert _weights(resumed.model) == straight_weights
+    pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
+
+    # other params (here: another fingerprint) never resume: training starts over, and says so
+    _fail_at(monkeypatch, SpeakerBatches, counter=_train_counter(2), batch=1, seed=7)
+    with pytest.raises(Exception, match="injected interruption"):
+        run(tmp_path / "stale")
+    monkeypatch.undo()
+    capsys.readouterr()
+    fresh = run(tmp_path / "stale", "other params")
+    assert "training starts over" in capsys.readouterr().out
+    assert _weights(fresh.model) == straight_weights and len(fresh.history) == 3
+
+
+# --- the stage: killed mid-epoch by a signal, rerun, same bytes as an uninterrupted run ---
+
+SOFTMAX_STAGE = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, epochs=4, batch_size=2)
+
+
+def _stage_dir(root: Path) -> Path:
+    write_tiny_inputs(root, speakers=6, utterances=16)
+    write_stage_params(root, softmax=SOFTMAX_STAGE)
+    return root
+
+
+def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
+    straight, killed = _stage_dir(tmp_path / "straight"), _stage_dir(tmp_path / "killed")
+    done = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=straight, env=stage_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not (straight / "models/checkpoints").exists()      # removed once the outputs are written
+
+    checkpoint_dir = killed / "models/checkpoints/softmax"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not (checkpoint_dir / CHECKPOINT_FILE).exists():     # the first epoch is done ...
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)                            # ... and the second under way
+    finally:
+        proc.kill()
+        proc.wait()
+    epochs_done = _saved_epoch(checkpoint_dir)
+    assert 1 <= epochs_done < SOFTMAX_STAGE["epochs"] and not (killed / "models/softmax.keras").exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from models/checkpoints/softmax/{CHECKPOINT_FILE}: {epochs_done} epoch(s) done" in rerun.stdout
+    for output in ("models/softmax.keras", "plots/softmax.csv"):
+        assert (killed / output).read_bytes() == (straight / output).read_bytes(), output
+    assert not (killed / "models/checkpoints").exists()
