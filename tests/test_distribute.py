@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.test_resume import stage_env, write_stage_params, write_tiny_inputs
-from voiceprint.distribute import Distribution, is_chief, make_distribution, read_tf_config, resolve_precision
+from voiceprint.distribute import Distribution, cpu_flags, is_chief, make_distribution, read_tf_config, resolve_precision
 from voiceprint.runtime import configure_tensorflow
 
 # --- TF_CONFIG and precision ---
@@ -46,8 +46,12 @@ def test_the_chief_writes():
 def test_precision_and_strategy_names(capsys):
     assert resolve_precision(False, gpus=1) == "float32"
     assert resolve_precision(True, gpus=1) == "mixed_float16"
-    assert resolve_precision(True, gpus=0) == "float32"
-    assert "train.mixed_precision: true is ignored: no GPU here" in capsys.readouterr().err
+    assert resolve_precision(True, gpus=1, flags={"avx512_bf16"}) == "mixed_float16"     # a GPU wins
+    assert resolve_precision(True, gpus=0, flags={"avx512_bf16", "avx512f"}) == "mixed_bfloat16"
+    assert resolve_precision(True, gpus=0, flags={"amx_bf16"}) == "mixed_bfloat16"
+    assert resolve_precision(False, gpus=0, flags={"avx512_bf16"}) == "float32"
+    assert resolve_precision(True, gpus=0, flags={"avx2", "fma"}) == "float32"
+    assert "train.mixed_precision: true is ignored: no GPU and no CPU bfloat16 support" in capsys.readouterr().err
     with pytest.raises(ValueError, match="train.strategy: must be one of auto, mirrored, multi_worker; got 'tpu'"):
         make_distribution("tpu")
     local = make_distribution("auto")
@@ -55,9 +59,18 @@ def test_precision_and_strategy_names(capsys):
         ("auto", 1, "float32", True, False)
 
 
-def test_mixed_precision_trains_float16_convolutions_and_saves_a_float32_model(tmp_path, monkeypatch):
-    """The mixed-precision path on CPU (the stage only takes it on a GPU; the float16 kernels exist on CPU too,
-    slowly): convolutions in float16, everything from the pooling on in float32, loss scaling, float32 file."""
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_half_convolutions_and_saves_a_float32_model(tmp_path, monkeypatch, precision):
+    """The mixed-precision paths (float16 is taken on GPUs only, but its kernels exist on CPU too, slowly):
+    convolutions in half precision, everything from the pooling on in float32, loss scaling for float16 only,
+    float32 file."""
     import keras
     import tensorflow as tf
 
@@ -67,16 +80,16 @@ def test_mixed_precision_trains_float16_convolutions_and_saves_a_float32_model(t
     configure_tensorflow(3)
     copies, make_copy = [], training._training_copy
     monkeypatch.setattr(training, "_training_copy", lambda *args: copies.append(make_copy(*args)) or copies[-1])
-    mixed = Distribution(tf.distribute.get_strategy(), "auto", "mixed_float16")
+    mixed = Distribution(tf.distribute.get_strategy(), "auto", precision)
     trained = training.train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=3, verbose=0,
                                      distribution=mixed, filters=[4, 8, 8, 8], blocks=1, embedding_dim=8,
                                      frames=32, dropout=0.1)
     trainer = copies[0]
     policies = {layer.name: layer.dtype_policy.name for layer in trainer.layers}
-    assert policies["conv4-s1"] == policies["res1_0_branch_2a_bn"] == "mixed_float16"
+    assert policies["conv4-s1"] == policies["res1_0_branch_2a_bn"] == precision
     assert {policies[name] for name in training.FLOAT32_LAYERS if name in policies} == {"float32"}
     assert trainer.output.dtype == "float32"
-    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     assert np.isfinite(trained.history.loss).all()
     assert {layer.dtype_policy.name for layer in trained.model.layers} == {"float32"}     # what is saved
     np.testing.assert_array_equal(trained.model.get_weights()[0], trainer.get_weights()[0])
