@@ -127,10 +127,15 @@ def make_distribution(strategy: str, *, mixed_precision: bool = False) -> Distri
 
     precision = resolve_precision(mixed_precision, gpus=len(tf.config.list_physical_devices("GPU")))
     if strategy == "auto":
-        return Distribution(tf.distribute.get_strategy(), strategy, precision)
-    if strategy == "mirrored":
+        distribution = Distribution(tf.distribute.get_strategy(), strategy, precision)
+    elif strategy == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return Distribution(tf.distribute.MirroredStrategy(devices=[d.name for d in devices]), strategy, precision)
-    cluster, task_type, index = read_tf_config()
-    return Distribution(tf.distribute.MultiWorkerMirroredStrategy(), strategy, precision,
-                        is_chief=is_chief(cluster, task_type, index))
+        distribution = Distribution(tf.distribute.MirroredStrategy(devices=[d.name for d in devices]), strategy,
+                                    precision)
+    else:
+        cluster, task_type, index = read_tf_config()
+        distribution = Distribution(tf.distribute.MultiWorkerMirroredStrategy(), strategy, precision,
+                                    is_chief=is_chief(cluster, task_type, index))
+    # Results depend on the precision actually used (mixed_precision resolves per machine): say it in the log.
+    print(f"training: strategy {strategy}, {distribution.replicas} replica(s), {precision}")
+    return distribution
