@@ -23,6 +23,11 @@ def test_roundtrip_and_crops(tmp_path):
     crop = store.crop(1, 5, np.random.default_rng(0))
     np.testing.assert_array_equal(crop[:3], b)
     np.testing.assert_array_equal(crop[3:], 0)
+    # float16 crops are the stored values themselves: the same window, exactly the float32 crop's values
+    for i, length in ((0, 4), (1, 5)):
+        half = store.crop(i, length, np.random.default_rng(7), dtype=np.float16)
+        assert half.dtype == np.float16
+        np.testing.assert_array_equal(half.astype(np.float32), store.crop(i, length, np.random.default_rng(7)))
     rng = np.random.default_rng(1)
     starts = {int(store.crop(0, 4, rng)[0, 0] * 8 // 4) for _ in range(200)}
     assert starts == set(range(7))  # every start 0..6 is reachable

@@ -251,13 +251,15 @@ class FeatureStore:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self._read(i, 0, int(self._lengths[i])), dtype=np.float32)
 
-    def crop(self, i: int, length: int, rng: np.random.Generator | None) -> np.ndarray:
+    def crop(self, i: int, length: int, rng: np.random.Generator | None, dtype=np.float32) -> np.ndarray:
         """A ``length``-frame window of utterance i: uniformly random start (``rng``) or centred (``rng=None``).
 
-        Shorter utterances are zero-padded at the end, as the original recipe does.
+        Shorter utterances are zero-padded at the end, as the original recipe does. ``dtype=np.float16`` returns
+        the stored values as they are: a plain copy, 5x faster than numpy's conversion to float32 (which is
+        exact, so the model may as well do it on its device).
         """
         n = int(self._lengths[i])
-        out = np.zeros((length, self.num_bands), np.float32)
+        out = np.zeros((length, self.num_bands), dtype)
         if n <= length:
             out[:n] = self._read(i, 0, n)
         else:
