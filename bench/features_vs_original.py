@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
+from _shared_data import default_data, load_average  # noqa: E402  (bench/ is on sys.path)
 
 from voiceprint import features as F  # noqa: E402
 from voiceprint.audio import load_audio  # noqa: E402
@@ -43,11 +44,6 @@ try:
 except ImportError:  # a benchmark-only dependency
     sys.exit("bench/features_vs_original.py needs python_speech_features (the original's feature library): "
              "pip install -r requirements-bench.txt")
-
-
-def _default_data() -> Path:
-    shared = os.environ.get("VOICEPRINT_SHARED", Path(__file__).resolve().parents[2] / "shared")
-    return Path(shared) / "data" / "librispeech-mini"
 
 
 def original(path) -> np.ndarray:
@@ -107,7 +103,7 @@ def _best_times(variants: dict, files: list, repeat: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=_default_data())
+    ap.add_argument("--data", type=Path, default=default_data())
     ap.add_argument("--repeat", type=int, default=5, help="rounds; the best is reported")
     ap.add_argument("--workers", type=int, default=2, help="processes for the scaling check (0: skip it)")
     args = ap.parse_args()
@@ -115,7 +111,7 @@ def main() -> None:
     files = sorted(str(p) for p in args.data.rglob("*.flac"))
     if not files:
         raise SystemExit(f"no .flac files under {args.data}")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    print(f"load average at start: {load_average()} ({os.cpu_count()} cores)")
 
     with threadpool_limits(limits=1):
         differing = total = 0
@@ -153,7 +149,7 @@ def main() -> None:
               f"{args.workers} workers {walls[args.workers]:.3f} s ({audio_s / walls[args.workers]:,.0f}x): "
               f"{walls[1] / walls[args.workers]:.2f}x faster; the machine's own ceiling now "
               f"(numpy rfft jobs, 1 vs {args.workers} processes): {machine_scaling(args.workers, args.repeat):.2f}x")
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
+from _shared_data import default_data, load_average  # noqa: E402  (bench/ is on sys.path)
 
 from voiceprint import store as S  # noqa: E402
 from voiceprint.splits import make_trials, split_utterances  # noqa: E402
@@ -159,12 +160,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--dir", type=Path, default=None, help="where to put the store (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the store")
-    shared = Path(os.environ.get("VOICEPRINT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--mini", type=Path, default=shared / "data" / "librispeech-mini")
+    ap.add_argument("--mini", type=Path, default=default_data())
     args = ap.parse_args()
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="scale_simulation_"))
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; store in {root} ({args.layout})")
+    print(f"load average {load_average()}; store in {root} ({args.layout})")
     steps = Steps()
     try:
         if args.mini.is_dir():
@@ -206,7 +206,7 @@ def main() -> None:
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {load_average()}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _shared_data import load_average  # noqa: E402  (bench/ is on sys.path)
 
 from voiceprint import metrics as M  # noqa: E402
 
@@ -100,11 +101,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: all cores)")
     args = ap.parse_args()
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    print(f"load average: {load_average()} ({os.cpu_count()} cores)")
     scoring(args.trials, args.repeat)
     if args.utterances:
         embedding(args.utterances, max(1, args.repeat // 2), args.threads)
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _shared_data import load_average  # noqa: E402  (bench/ is on sys.path)
 
 from voiceprint.runtime import configure_tensorflow  # noqa: E402
 
@@ -47,7 +48,7 @@ HISTORY_CROPS, REFRESH_EVERY = 1280, 100     # LazyTripletBatcher: predict 1,280
 
 
 def load_avg() -> str:
-    return f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)"
+    return f"load average: {load_average()} ({os.cpu_count()} cores)"
 
 
 def make_corpus(root: Path, speakers: int, utterances: int, seed: int):
