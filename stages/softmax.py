@@ -33,14 +33,9 @@ def main() -> None:
     distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
     store = FeatureStore.open("data/features")
     split, _ = read_split("data/model_inputs")
-    checkpoint = None
-    if resume.enabled():
-        settings = {**args, "init_checkpoint": init, "strategy": strategy, "replicas": distribution.replicas,
-                    "precision": distribution.precision}
-        inputs = ["data/features", "data/model_inputs", *([init] if init else []), *resume.package_sources(),
-                  Path(__file__)]
-        checkpoint = resume.Checkpoint.for_stage("softmax", resume.fingerprint(settings, inputs),
-                                                 writer=distribution.is_chief)
+    checkpoint = resume.stage_checkpoint(
+        "softmax", {**args, "init_checkpoint": init},
+        ["data/features", "data/model_inputs", *([init] if init else []), Path(__file__)], distribution)
     trained = train_softmax(store, split, init_checkpoint=init, distribution=distribution, checkpoint=checkpoint,
                             **args)
     if not distribution.is_chief:

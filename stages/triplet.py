@@ -42,13 +42,10 @@ def main() -> None:
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)
         print(import_original_weights(model, init).summary())
     checkpoint = None
-    if resume.enabled() and args["epochs"]:
-        settings = {**args, "init_checkpoint": init, "strategy": strategy, "replicas": distribution.replicas,
-                    "precision": distribution.precision}
-        inputs = ["data/features", "data/model_inputs", init or SOFTMAX_MODEL, *resume.package_sources(),
-                  Path(__file__)]
-        checkpoint = resume.Checkpoint.for_stage("triplet", resume.fingerprint(settings, inputs),
-                                                 writer=distribution.is_chief)
+    if args["epochs"]:      # epochs 0 trains nothing: nothing to resume
+        checkpoint = resume.stage_checkpoint(
+            "triplet", {**args, "init_checkpoint": init},
+            ["data/features", "data/model_inputs", init or SOFTMAX_MODEL, Path(__file__)], distribution)
     trained = train_triplet(model, store, split, distribution=distribution, checkpoint=checkpoint, **args)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from voiceprint.resume import CHECKPOINT_FILE, Checkpoint, Snapshot, enabled, fingerprint
+from voiceprint.resume import CHECKPOINT_FILE, CHECKPOINT_ROOT, Checkpoint, Snapshot, enabled, fingerprint, \
+    stage_checkpoint
 from voiceprint.runtime import configure_tensorflow
 from voiceprint.store import FeatureStore, StoreWriter
 
@@ -81,6 +82,24 @@ def test_fingerprint_covers_settings_and_bytes_not_location(tmp_path):
     assert fingerprint({"lr": 0.001, "filters": [4, 8]}, [tmp_path / "b"]) != base
     with pytest.raises(FileNotFoundError, match="missing: input of the training stage not found"):
         fingerprint({}, [tmp_path / "missing"])
+
+
+def test_stage_checkpoint_fingerprints_where_training_runs(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    (tmp_path / "data").write_text("d")
+    one = SimpleNamespace(name="auto", replicas=1, precision="float32", is_chief=True)
+    monkeypatch.delenv("VOICEPRINT_RESUME", raising=False)
+    checkpoint = stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], one)
+    assert checkpoint.directory == CHECKPOINT_ROOT / "softmax" and checkpoint.writer
+    others = [SimpleNamespace(**{**vars(one), key: value}) for key, value in
+              (("name", "mirrored"), ("replicas", 2), ("precision", "mixed_bfloat16"))]
+    prints = {stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], d).fingerprint for d in others}
+    assert len(prints) == 3 and checkpoint.fingerprint not in prints
+    worker = SimpleNamespace(**{**vars(one), "is_chief": False})
+    assert not stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], worker).writer
+    monkeypatch.setenv("VOICEPRINT_RESUME", "0")
+    assert stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], one) is None
 
 
 def test_resume_switch(monkeypatch):

@@ -69,6 +69,20 @@ def enabled() -> bool:
     return value == "1"
 
 
+def stage_checkpoint(stage: str, settings: dict, inputs: Iterable[str | Path], distribution) -> "Checkpoint | None":
+    """The checkpoint of training stage ``stage``, or None when ``VOICEPRINT_RESUME=0``.
+
+    Its fingerprint covers ``settings``, where training runs (``distribution``'s strategy, replica count and
+    precision: another precision's state would not fit), the bytes of ``inputs`` (data, starting model, the stage
+    script) and the package's code. Only the chief (``distribution.is_chief``) writes it."""
+    if not enabled():
+        return None
+    settings = {**settings, "strategy": distribution.name, "replicas": distribution.replicas,
+                "precision": distribution.precision}
+    return Checkpoint.for_stage(stage, fingerprint(settings, [*inputs, *package_sources()]),
+                                writer=distribution.is_chief)
+
+
 @dataclass
 class Snapshot:
     """The training state after ``epoch`` completed epochs."""
