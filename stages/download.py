@@ -5,7 +5,7 @@ returns the manifest plus metrics of its own.
 """
 import pandas as pd
 
-from voiceprint.corpus import MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
+from voiceprint.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import default_workers
@@ -14,8 +14,8 @@ from voiceprint.stage import run_stage
 RAW = "data/raw"
 
 
-def build_synthetic(data: Params, raw) -> tuple[pd.DataFrame, dict]:
-    speakers = data.int("speakers", min=2)
+def build_synthetic(data: Params, raw, speakers: int | None = None) -> tuple[pd.DataFrame, dict]:
+    speakers = data.int("speakers", min=2) if speakers is None else speakers
     per_speaker = data.int("utterances_per_speaker", min=2)
     min_seconds = data.float("min_seconds", min=0.0, min_exclusive=True)
     max_seconds = data.float("max_seconds", min=min_seconds)
@@ -70,12 +70,33 @@ def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
 BUILDERS = {"synthetic": build_synthetic, "librispeech": build_librispeech, "folder": build_folder}
 
 
+def add_synthetic(data: Params, source: str, raw, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``data.add_synthetic_speakers`` synthetic speakers beside a real source, namespaced "synthetic:<id>"
+    (training-only; see voiceprint.corpus.ADDED_SEPARATOR)."""
+    extra = data.int("add_synthetic_speakers", min=0)
+    if extra == 0:
+        return manifest, {}
+    if source == "synthetic":
+        raise ValueError("params.yaml: data.add_synthetic_speakers: adds synthetic speakers to a real source; "
+                         "with data.source synthetic use data.speakers")
+    if extra < 2:
+        raise ValueError(f"params.yaml: data.add_synthetic_speakers: must be 0 or >= 2, got {extra}")
+    added, _ = build_synthetic(data, raw / "synthetic", speakers=extra)
+    prefix = f"synthetic{ADDED_SEPARATOR}"
+    added = added.assign(path="synthetic/" + added.path, speaker=prefix + added.speaker,
+                         utterance=prefix + added.utterance)
+    print(f"  added {extra} synthetic speakers ({len(added)} utterances, training only)")
+    return pd.concat([manifest, added], ignore_index=True), {"added_synthetic_speakers": extra}
+
+
 def main() -> None:
     data = load_params().section("data")
     source = data.str("source", choices=SOURCES)
     with atomic_path(RAW) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         manifest, source_metrics = BUILDERS[source](data, tmp)
+        manifest, added_metrics = add_synthetic(data, source, tmp, manifest)
+        source_metrics.update(added_metrics)
         # Source-specific columns (e.g. the folder source's sha1, bytes) follow the common ones: a changed
         # recording changes the manifest, so DVC reruns the features.
         columns = MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]

@@ -28,6 +28,7 @@ def main() -> None:
     bootstrap = p.int("bootstrap", min=0)
     seed = p.int("seed", min=0)
     deploy = p.str("deploy", choices=["base", "head", "fused"])
+    cross_corpus = p.str("cross_corpus")
     tdnn = params.section("tdnn")
     from voiceprint.evaluation import FUSIONS, fusion_base_weight
 
@@ -77,6 +78,13 @@ def main() -> None:
     save_bundle(BUNDLE, models[deploy], system=deploy, features=features, thresholds=thresholds,
                 evaluation={k: report[deploy][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")})
 
+    from voiceprint.cross_corpus import has_recordings
+    if has_recordings(cross_corpus):
+        report["cross_corpus"] = score_cross_corpus(cross_corpus, models, store, features, train_rows, base_weight,
+                                                    fusion, p_target=p_target, bootstrap=bootstrap, seed=seed)
+    else:
+        print(f"evaluate: evaluate.cross_corpus {cross_corpus!r} holds no recordings: no cross-corpus evaluation")
+
     plots.det_curve({name: (scores[name], labels) for name in scores}, f"{FIGURES}/det.png",
                     title=f"DET, {report['base']['target_trials']} target / "
                           f"{report['base']['nontarget_trials']} non-target trials")
@@ -89,16 +97,42 @@ def main() -> None:
     plots.training_curves(TRAINING_CURVES, f"{FIGURES}/training.png")
     write_metrics("metrics/eval.json", report)
 
-    for name in embeddings:
-        r = report[name]
+    systems = [(name, report[name]) for name in embeddings]
+    systems += [(f"{name} (cross-corpus)", r) for name, r in report.get("cross_corpus", {}).items()
+                if isinstance(r, dict)]
+    for name, r in systems:
         ci = (f"  95% CI {100 * r['eer_ci95_low']:.1f}-{100 * r['eer_ci95_high']:.1f}"
               if "eer_ci95_low" in r else "")
-        print(f"evaluate: {name:14s} EER {100 * r['eer']:5.2f}%{ci}  minDCF {r['min_dcf']:.3f}  "
+        print(f"evaluate: {name:28s} EER {100 * r['eer']:5.2f}%{ci}  minDCF {r['min_dcf']:.3f}  "
               f"({r['target_trials']} target / {r['nontarget_trials']} non-target trials)")
     print(f"evaluate: deployed {deploy} -> {BUNDLE} (EER threshold {thresholds['eer']:.4f}, "
           f"{100 * low_far:g}% false-accept threshold {thresholds['low_far']:.4f})")
     for line in verdicts:
         print(line)
+
+
+def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, **report_args) -> dict:
+    """Every system (and the MFCC baseline) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
+    from voiceprint.cross_corpus import load_eval_set
+    from voiceprint.embedding import embed_features
+    from voiceprint.evaluation import cosine_scores, fuse, report_system, znorm_baseline
+    from voiceprint.runtime import default_workers
+
+    eval_set = load_eval_set(source, kind=features["kind"], vad=features["vad"], sample_rate=features["sample_rate"],
+                             min_seconds=features["min_seconds"], workers=default_workers(), seed=report_args["seed"])
+    for row in eval_set.rejected.itertuples():
+        print(f"  cross-corpus: left out {row.path}: {row.reason}: {row.message}")
+    embeddings = {name: embed_features(model, eval_set.features, window_frames=features["window_frames"],
+                                       hop_frames=features["hop_frames"], desc=f"{name} (cross-corpus)")
+                  for name, model in models.items() if name != "fused"}
+    if base_weight is not None:
+        embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
+    embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows, apply_to=eval_set.baseline)
+    out = {name: report_system(cosine_scores(emb, eval_set.utterances, eval_set.trials), eval_set.trials, emb,
+                               eval_set.speakers, **report_args) for name, emb in embeddings.items()}
+    out.update(speakers=int(len(set(eval_set.speakers))), utterances=len(eval_set.utterances),
+               left_out=len(eval_set.rejected))
+    return out
 
 
 if __name__ == "__main__":

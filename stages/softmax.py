@@ -16,7 +16,9 @@ def main() -> None:
                 embedding_dim=p.int("embedding_dim", min=1), frames=p.int("frames", min=16),
                 epochs=p.int("epochs", min=1), batch_size=p.int("batch_size", min=2),
                 lr=p.float("lr", min=0.0, min_exclusive=True), dropout=p.float("dropout", min=0.0, max=0.95),
-                seed=p.int("seed", min=0))
+                seed=p.int("seed", min=0), loss=p.str("loss", choices=["softmax", "aam_softmax"]),
+                margin=p.float("margin", min=0.0, max=1.5), scale=p.float("scale", min=0.0, min_exclusive=True),
+                lr_schedule=p.str("lr_schedule", choices=["constant", "cosine"]))
     init = init_checkpoint_path(p.str("init_checkpoint"), "softmax.init_checkpoint")
     if init is not None:
         check_architecture(init, "softmax.init_checkpoint", filters=args["filters"], blocks=args["blocks"],

@@ -21,12 +21,15 @@ class ClassificationBatches(keras.utils.PyDataset):
     """Every utterance once per epoch (shuffled), one random crop each; label = speaker class.
 
     With ``shuffle=False`` crops are centred and the order fixed: a stable validation set.
+    ``transform(crops, rng)``, if given, changes each training batch (e.g. spectrogram masking); drawn from the
+    batch's own generator after the crops, so batches stay reproducible.
     """
 
     def __init__(self, store: FeatureStore, positions, labels, *, batch_size: int, frames: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, transform=None):
         super().__init__(workers=1, use_multiprocessing=False)
         self.store, self.positions, self.labels = store, np.asarray(positions), np.asarray(labels)
+        self.transform = transform
         self.batch_size, self.frames, self.seed, self.shuffle = batch_size, frames, seed, shuffle
         self.epoch = 0
         self._cached = (None, None)     # (epoch, permutation): one permutation per epoch, not per batch
@@ -45,7 +48,10 @@ class ClassificationBatches(keras.utils.PyDataset):
     def __getitem__(self, i):
         take = self._order()[i * self.batch_size:(i + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.shuffle else None
-        return _crops(self.store, self.positions[take], self.frames, rng), self.labels[take]
+        crops = _crops(self.store, self.positions[take], self.frames, rng)
+        if self.transform is not None and rng is not None:
+            crops = self.transform(crops, rng)
+        return crops, self.labels[take]
 
     def on_epoch_end(self):
         self.epoch += 1

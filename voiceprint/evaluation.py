@@ -16,14 +16,15 @@ def cosine_scores(embeddings: np.ndarray, utterances, trials: pd.DataFrame) -> n
     return np.einsum("ij,ij->i", a, b)
 
 
-def znorm_baseline(vectors: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-    """The no-training baseline: z-normalise each dimension with the training speakers' statistics.
+def znorm_baseline(vectors: np.ndarray, train_rows: np.ndarray, apply_to: np.ndarray | None = None) -> np.ndarray:
+    """The no-training baseline: z-normalise each dimension with the training speakers' statistics
+    (of ``vectors[train_rows]``), applied to ``vectors`` or to ``apply_to`` (e.g. another corpus' vectors).
 
     Raw cosine of MFCC statistics is useless: the shared c0 term puts every pair near 1.
     """
     mean = vectors[train_rows].mean(axis=0)
     std = vectors[train_rows].std(axis=0)
-    return (vectors - mean) / np.maximum(std, 1e-8)
+    return ((vectors if apply_to is None else apply_to) - mean) / np.maximum(std, 1e-8)
 
 
 def report_system(scores: np.ndarray, trials: pd.DataFrame, embeddings: np.ndarray, speakers, *,

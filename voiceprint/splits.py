@@ -21,17 +21,23 @@ def split_utterances(index: pd.DataFrame, *, eval_speakers: int, validation_frac
 
     ``label`` is the class index of a training speaker (sorted speaker order) and -1 for others. Speakers with
     fewer than ``min_utterances`` utterances can give no target trial and no held-out utterance: they are kept in
-    the table with role ``excluded`` and the reason, never dropped silently.
+    the table with role ``excluded`` and the reason, never dropped silently. Speakers of an added source
+    (``corpus.from_added_source``) are never evaluation speakers.
     """
+    from voiceprint.corpus import from_added_source
+
     counts = index.groupby("speaker")["utterance"].count()
     eligible = sorted(counts[counts >= min_utterances].index)
-    if len(eligible) < eval_speakers + 2:
+    candidates = [s for s in eligible if not from_added_source(s)]
+    if len(candidates) < eval_speakers or len(eligible) < eval_speakers + 2:
         raise SplitError(
             f"need at least {eval_speakers + 2} speakers with >= {min_utterances} utterances "
             f"({eval_speakers} for evaluation, 2 for training); found {len(eligible)} "
-            f"among {len(counts)} speakers and {len(index)} utterances")
+            f"among {len(counts)} speakers and {len(index)} utterances"
+            + (f", {len(candidates)} of them evaluable (not from an added source)"
+               if len(candidates) < len(eligible) else ""))
     rng = np.random.default_rng(seed)
-    evaluation = set(rng.choice(eligible, size=eval_speakers, replace=False).tolist())
+    evaluation = set(rng.choice(candidates, size=eval_speakers, replace=False).tolist())
     train_speakers = [s for s in eligible if s not in evaluation]
     labels = {s: i for i, s in enumerate(train_speakers)}
 
@@ -126,3 +132,21 @@ def read_split(directory) -> tuple[pd.DataFrame, pd.DataFrame]:
             "test_speaker": str, "reason": str}
     return (pd.read_csv(directory / "utterances.csv", dtype=text, keep_default_na=False),
             pd.read_csv(directory / "trials.csv", dtype=text))
+
+
+def training_inputs(features_dir, inputs_dir, augmented_dir=None):
+    """(store, utterances) the training stages read: the corpus' feature store and split, joined by the augmented
+    copies of the training utterances when ``augmented_dir`` holds any (the augment stage's output)."""
+    from pathlib import Path
+
+    from voiceprint.store import FeatureStore
+
+    store = FeatureStore.open(features_dir)
+    split, _ = read_split(inputs_dir)
+    if augmented_dir is None or not (Path(augmented_dir) / "utterances.csv").exists():
+        return store, split
+    extra = pd.read_csv(Path(augmented_dir) / "utterances.csv", dtype={"utterance": str, "speaker": str,
+                                                                       "reason": str}, keep_default_na=False)
+    if extra.empty:
+        return store, split
+    return FeatureStore.union(store, FeatureStore.open(augmented_dir)), pd.concat([split, extra], ignore_index=True)

@@ -208,6 +208,21 @@ class FeatureStore:
         shard_of = np.repeat(np.arange(len(entries), dtype=np.int64), counts)
         return cls(directory, index, shards, shard_of, baseline, meta["kind"], bands)
 
+    @classmethod
+    def union(cls, first: "FeatureStore", *others: "FeatureStore") -> "FeatureStore":
+        """One read view over several stores made the same way (e.g. the corpus and its augmented copies):
+        rows are ``first``'s, then each other's, in order; nothing is copied (the memory maps are shared)."""
+        stores = [first, *others]
+        for other in others:
+            if (other.kind, other.num_bands) != (first.kind, first.num_bands):
+                raise ValueError(f"{other.directory}: features {other.kind}/{other.num_bands} bands cannot join "
+                                 f"{first.directory}: {first.kind}/{first.num_bands} bands")
+        shard_base = np.cumsum([0] + [len(s.shards) for s in stores])[:-1]
+        return cls(first.directory, pd.concat([s.index for s in stores], ignore_index=True),
+                   [m for s in stores for m in s.shards],
+                   np.concatenate([s._shard_of + b for s, b in zip(stores, shard_base)]),
+                   np.concatenate([s.baseline for s in stores]), first.kind, first.num_bands)
+
     def __len__(self) -> int:
         return len(self.index)
 

@@ -39,9 +39,15 @@ def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
 
 def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: int, embedding_dim: int,
                   frames: int, epochs: int, batch_size: int, lr: float, dropout: float, seed: int,
-                  init_checkpoint=None, distribution: Distribution | None = None,
+                  loss: str = "softmax", margin: float = 0.2, scale: float = 30.0, lr_schedule: str = "constant",
+                  crop_transform=None, init_checkpoint=None, distribution: Distribution | None = None,
                   checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
-    """Softmax over the training speakers; validation = held-out utterances of the same speakers.
+    """Classification over the training speakers; validation = held-out utterances of the same speakers.
+
+    ``loss``: ``softmax`` (the original recipe: logits from a Dense ``dense``) or ``aam_softmax`` (cosines to
+    normalised class weights with an angular ``margin`` and logit ``scale``; what cosine scoring rewards).
+    ``lr_schedule``: ``constant`` (the original) or ``cosine`` (decay to 0 over all steps; small corpora
+    converge lower). ``crop_transform``: applied to every training batch of crops (e.g. spectrogram masking).
 
     ``init_checkpoint``: an original-format Deep Speaker ``.h5`` to start from (its classifier is skipped when
     the speaker count differs). ``distribution``: strategy and precision (default: one device, float32);
@@ -51,14 +57,16 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: 
     val_pos, val_lab = _roles(store, split, "validation")
     num_classes = int(train_lab.max()) + 1
     embedding, classifier = build_rescnn(filters=filters, blocks=blocks, embedding_dim=embedding_dim,
-                                         num_bands=store.num_bands, num_classes=num_classes, dropout=dropout)
+                                         num_bands=store.num_bands, num_classes=num_classes, dropout=dropout,
+                                         classifier=output_layer(loss, num_classes, name="dense"))
     if init_checkpoint is not None:
         print(import_original_weights(classifier, init_checkpoint).summary())
     trainer = _training_copy(classifier, distribution)
+    train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed,
+                                  transform=crop_transform)
     with distribution.strategy.scope():
-        trainer.compile(optimizer=_optimizer(lr, distribution), loss=get_loss("softmax"), metrics=["accuracy"],
-                        jit_compile=False)
-    train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed)
+        trainer.compile(optimizer=_optimizer(_learning_rate(lr, lr_schedule, epochs * len(train)), distribution),
+                        loss=get_loss(loss, margin=margin, scale=scale), metrics=["accuracy"], jit_compile=False)
     val = (ClassificationBatches(store, val_pos, val_lab, batch_size=batch_size, frames=frames, seed=seed,
                                  shuffle=False) if len(val_pos) else None)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
@@ -139,7 +147,16 @@ def _copy_weights(trainer: keras.Model, model: keras.Model) -> None:
         model.set_weights(trainer.get_weights())
 
 
-def _optimizer(lr: float, distribution: Distribution):
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _learning_rate(lr: float, schedule: str, steps: int):
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    return lr if schedule == "constant" else keras.optimizers.schedules.CosineDecay(lr, max(1, steps))
+
+
+def _optimizer(lr, distribution: Distribution):
     adam = keras.optimizers.Adam(lr)
     # float16 gradients underflow without loss scaling; the wrapper scales the loss and skips overflowing steps.
     return keras.optimizers.LossScaleOptimizer(adam) if distribution.precision == "mixed_float16" else adam

@@ -80,12 +80,13 @@ def build_frame_trunk(inputs, filters: Sequence[int], blocks: int):
 
 
 def build_rescnn(*, filters: Sequence[int] = (64, 128, 256, 512), blocks: int = 3, embedding_dim: int = 512,
-                 num_bands: int = 64, num_classes: int | None = None, dropout: float = 0.5):
+                 num_bands: int = 64, num_classes: int | None = None, dropout: float = 0.5, classifier=None):
     """Return ``(embedding_model, classifier_model)``; they share every weight.
 
     The embedding model maps (batch, time, bands, 1) to L2-normalised ``embedding_dim`` vectors. The classifier
     (only when ``num_classes`` is given) is the original's softmax pre-training model: Dropout before ``affine``,
     no ``ln``, and a Dense ``dense`` over speakers that outputs logits (softmax lives in the loss, for stability).
+    ``classifier``: another output layer over the speakers instead of that Dense (e.g. AAM-softmax's cosines).
     """
     if num_bands % (2 ** len(filters)):
         raise ValueError(f"num_bands={num_bands} must be divisible by 2**{len(filters)} (one halving per stage)")
@@ -98,5 +99,5 @@ def build_rescnn(*, filters: Sequence[int] = (64, 128, 256, 512), blocks: int = 
     if num_classes is None:
         return embedding_model, None
     x = layers.Dropout(dropout, name="dropout")(pooled)
-    logits = layers.Dense(num_classes, name="dense")(affine(x))
+    logits = (classifier or layers.Dense(num_classes, name="dense"))(affine(x))
     return embedding_model, keras.Model(inputs, logits, name="rescnn_softmax")
