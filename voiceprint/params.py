@@ -43,6 +43,10 @@ class Params:
     def _fail(self, name: str, why: str) -> ParamsError:
         return ParamsError(f"{self._source}: {self._key(name)}: {why}")
 
+    def error(self, name: str, why: str) -> ParamsError:
+        """A ParamsError naming this key, for checks across keys made by the caller (raise it)."""
+        return self._fail(name, why)
+
     def section(self, name: str) -> "Params":
         value = self._get(name)
         if not isinstance(value, dict):
@@ -121,6 +125,21 @@ class Params:
             if bad:
                 raise self._fail(name, f"unknown value(s) {bad}; valid: {', '.join(choices)}")
         return list(value)
+
+    def range(self, name: str, *, integer: bool = False, min: float | None = None,
+              max: float | None = None) -> tuple:
+        """A ``[low, high]`` pair with low <= high (a single number means low == high), e.g. an SNR range."""
+        value = self._get(name)
+        pair = value if isinstance(value, list) else [value]
+        pair = pair * 2 if len(pair) == 1 else pair
+        kinds = (int,) if integer else (int, float)
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, kinds) for v in pair):
+            raise self._fail(name, f"expected [low, high] ({'integers' if integer else 'numbers'}), got {value!r}")
+        for v in pair:
+            self._check_range(name, v, min, max)
+        if pair[0] > pair[1]:
+            raise self._fail(name, f"low must be <= high, got {value!r}")
+        return tuple(pair) if integer else (float(pair[0]), float(pair[1]))
 
     def _check_range(self, name, value, lo, hi) -> None:
         if lo is not None and value < lo:
