@@ -1,4 +1,5 @@
 """Stage softmax: ResCNN pre-trained with softmax over the training speakers (softmax.* and train.* params)."""
+import functools
 from pathlib import Path
 
 from voiceprint.checkpoint import check_architecture, init_checkpoint_path
@@ -23,23 +24,28 @@ def main() -> None:
     if init is not None:
         check_architecture(init, "softmax.init_checkpoint", filters=args["filters"], blocks=args["blocks"],
                            embedding_dim=args["embedding_dim"])
+    a = params.section("augment")     # SpecAugment masks on the training crops
+    masks = dict(time_masks=a.int("time_masks", min=0), max_time_width=a.int("time_mask_frames", min=1),
+                 freq_masks=a.int("freq_masks", min=0), max_freq_width=a.int("freq_mask_bands", min=1))
     t = params.section("train")
     strategy, mixed_precision = t.str("strategy", choices=STRATEGIES), t.bool("mixed_precision")
     configure_tensorflow(args["seed"])
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
+    from voiceprint.splits import training_inputs
     from voiceprint.training import train_softmax
 
     distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
-    store = FeatureStore.open("data/features")
-    split, _ = read_split("data/model_inputs")
+    store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     checkpoint = resume.stage_checkpoint(
-        "softmax", {**args, "init_checkpoint": init},
+        "softmax", {**args, **masks, "init_checkpoint": init},
         ["data/features", "data/model_inputs", *([init] if init else []), Path(__file__)], distribution)
+    transform = None
+    if masks["time_masks"] or masks["freq_masks"]:
+        from voiceprint.augment import mask_spectrogram
+        transform = functools.partial(mask_spectrogram, **masks)
     trained = train_softmax(store, split, init_checkpoint=init, distribution=distribution, checkpoint=checkpoint,
-                            **args)
+                            crop_transform=transform, **args)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/softmax.keras")

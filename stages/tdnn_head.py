@@ -22,12 +22,10 @@ def main() -> None:
                 train_trunk=p.bool("train_trunk"), trunk_lr=p.float("trunk_lr", min=0.0, min_exclusive=True),
                 seed=p.int("seed", min=0))
     configure_tensorflow(args["seed"])
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
+    from voiceprint.splits import training_inputs
     from voiceprint.training import train_head
 
-    store = FeatureStore.open("data/features")
-    split, _ = read_split("data/model_inputs")
+    store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")
     trained = train_head(base, store, split, **args)
     save_keras_model(trained.model, "models/tdnn_head.keras")

@@ -26,13 +26,11 @@ def main() -> None:
     configure_tensorflow(args["seed"])
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
+    from voiceprint.splits import training_inputs
     from voiceprint.training import train_triplet
 
     distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
-    store = FeatureStore.open("data/features")
-    split, _ = read_split("data/model_inputs")
+    store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     if init is None:
         model = load_model(SOFTMAX_MODEL, what="softmax model")
     else:   # fine-tune a pretrained original Deep Speaker checkpoint instead of our softmax model
