@@ -87,7 +87,7 @@ def add_babble(wav: np.ndarray, others: list[np.ndarray], rng: np.random.Generat
     for i in chosen:
         other = others[i]
         offset = int(rng.integers(len(other)))
-        part = np.take(other, (offset + np.arange(n)) % len(other)).astype(np.float64)
+        part = np.tile(other, -(-(offset + n) // len(other)))[offset: offset + n].astype(np.float64)
         power = _power(part)
         if power > 0.0:                            # a crop of pure silence adds nothing
             babble += part / np.sqrt(power)
