@@ -101,7 +101,9 @@ def test_babble_needs_other_utterances():
     with pytest.raises(ValueError, match="babble"):
         A.add_babble(speechlike(), [], rng(), 10.0, 3)
     with pytest.raises(ValueError, match="babble"):
-        A.add_babble(speechlike(), [np.zeros(100, np.float32)], rng(), 10.0, 3)
+        A.add_babble(speechlike(), [speechlike()], rng(), 10.0, 0)
+    wav = speechlike()
+    np.testing.assert_array_equal(A.add_babble(wav, [np.zeros(100, np.float32)], rng(), 10.0, 3), wav)
 
 
 # --- reverberation ----------------------------------------------------------------------------------------------

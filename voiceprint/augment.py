@@ -78,18 +78,19 @@ def add_babble(wav: np.ndarray, others: list[np.ndarray], rng: np.random.Generat
     """``wav`` plus the sum of ``talkers`` other utterances (chosen without replacement while there are enough),
     each looped or cropped to ``len(wav)`` from a random offset and normalised to equal power, at ``snr_db``.
     ``others`` should not contain the speaker of ``wav``."""
-    others = [o for o in others if _power(o) > 0.0]
     if not others or talkers < 1:
-        raise ValueError("babble needs talkers >= 1 and at least one non-silent other utterance")
+        raise ValueError("babble needs talkers >= 1 and at least one other utterance")
     n = len(wav)
     chosen = rng.choice(len(others), size=talkers, replace=talkers > len(others))
     babble = np.zeros(n)
     for i in chosen:
-        other = others[i]
+        other = np.asarray(others[i])
+        if not len(other):
+            continue
         offset = int(rng.integers(len(other)))
         part = np.tile(other, -(-(offset + n) // len(other)))[offset: offset + n].astype(np.float64)
         power = _power(part)
-        if power > 0.0:                            # a crop of pure silence adds nothing
+        if power > 0.0:                            # a crop of pure silence adds nothing (all silent: wav as is)
             babble += part / np.sqrt(power)
     return _mix(wav, babble, snr_db)
 
