@@ -101,7 +101,9 @@ def test_babble_needs_other_utterances():
     with pytest.raises(ValueError, match="babble"):
         A.add_babble(speechlike(), [], rng(), 10.0, 3)
     with pytest.raises(ValueError, match="babble"):
-        A.add_babble(speechlike(), [np.zeros(100, np.float32)], rng(), 10.0, 3)
+        A.add_babble(speechlike(), [speechlike()], rng(), 10.0, 0)
+    wav = speechlike()
+    np.testing.assert_array_equal(A.add_babble(wav, [np.zeros(100, np.float32)], rng(), 10.0, 3), wav)
 
 
 # --- reverberation ----------------------------------------------------------------------------------------------
@@ -140,9 +142,23 @@ def test_reverberate_keeps_length_level_and_timing():
     assert np.sqrt(np.mean(out.astype(np.float64) ** 2)) == pytest.approx(np.sqrt(np.mean(wav.astype(
         np.float64) ** 2)), rel=1e-5)
     lags = np.arange(-200, 201)                          # ... which reverberate removes
-    xcorr = [np.dot(wav[200:-200], np.roll(out, -lag)[200:-200]) for lag in lags]
-    assert lags[int(np.argmax(xcorr))] == 0
+    xcorr = np.array([np.dot(wav[200:-200], np.roll(out, -lag)[200:-200]) for lag in lags])
+    assert np.abs(xcorr[lags < 0]).max() < 0.1 * xcorr[lags == 0][0]
+    assert xcorr[lags == 0][0] >= 0.5 * np.abs(xcorr).max()
     assert not np.allclose(out, wav, atol=0.01)
+
+
+def test_reverberate_aligns_on_the_direct_path_not_a_louder_reflection():
+    wav = np.zeros(SR, np.float32)
+    wav[1000] = 0.5
+    aligned = 0
+    for seed in range(60):
+        rir = A.room_impulse_response(rng(seed))
+        out = A.reverberate(wav, rir)
+        assert np.abs(out[:1000]).max() < 1e-5 * np.abs(out).max()   # nothing before the direct sound ...
+        assert np.abs(out[1000]) >= 0.5 * np.abs(out).max()          # ... which is where the impulse was
+        aligned += np.argmax(np.abs(rir)) == np.flatnonzero(rir)[0]
+    assert aligned < 60                                   # some RIRs do have a reflection above the direct path
 
 
 # --- speed perturbation -----------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ never modified, and a mix that would peak above 1 is scaled down as a whole (whi
 clipped.
 
 * :func:`add_noise` / :func:`add_babble` -- coloured noise or other talkers at an exact SNR.
-* :func:`room_impulse_response` / :func:`reverberate` -- simulated rooms (numpy only, no pyroomacoustics: its
-  image method takes seconds per RIR at RT60 0.8 s, ours takes milliseconds and hits the drawn RT60 exactly).
+* :func:`room_impulse_response` / :func:`reverberate` -- simulated rooms in numpy.  Not pyroomacoustics: its full
+  image method took 0.5 s per RIR at RT60 0.5 s and 1.9 s at 0.8 s (7 x 5 x 3 m, busy 2-core machine) plus 3.6 s
+  to import; ours takes ~1 ms and its measured T30 is within 12% of the drawn RT60.
 * :func:`speed_perturb` -- sox ``speed`` (tempo and pitch together), used for new 0.9x / 1.1x speakers.
 * :func:`mask_spectrogram` -- SpecAugment time and frequency masks on feature crops or whole batches.
 * :class:`AugmentSettings` (the ``augment:`` section of params.yaml) and :func:`augment_utterance`.
@@ -78,18 +79,19 @@ def add_babble(wav: np.ndarray, others: list[np.ndarray], rng: np.random.Generat
     """``wav`` plus the sum of ``talkers`` other utterances (chosen without replacement while there are enough),
     each looped or cropped to ``len(wav)`` from a random offset and normalised to equal power, at ``snr_db``.
     ``others`` should not contain the speaker of ``wav``."""
-    others = [o for o in others if _power(o) > 0.0]
     if not others or talkers < 1:
-        raise ValueError("babble needs talkers >= 1 and at least one non-silent other utterance")
+        raise ValueError("babble needs talkers >= 1 and at least one other utterance")
     n = len(wav)
     chosen = rng.choice(len(others), size=talkers, replace=talkers > len(others))
     babble = np.zeros(n)
     for i in chosen:
-        other = others[i]
+        other = np.asarray(others[i])
+        if not len(other):
+            continue
         offset = int(rng.integers(len(other)))
-        part = np.take(other, (offset + np.arange(n)) % len(other)).astype(np.float64)
+        part = np.tile(other, -(-(offset + n) // len(other)))[offset: offset + n].astype(np.float64)
         power = _power(part)
-        if power > 0.0:                            # a crop of pure silence adds nothing
+        if power > 0.0:                            # a crop of pure silence adds nothing (all silent: wav as is)
             babble += part / np.sqrt(power)
     return _mix(wav, babble, snr_db)
 
@@ -98,7 +100,8 @@ def room_impulse_response(rng: np.random.Generator, sample_rate: int = SAMPLE_RA
                           rt60_range: tuple[float, float] = (0.2, 0.8),
                           room_range: tuple[tuple[float, ...], tuple[float, ...]] = ((3.0, 3.0, 2.4),
                                                                                     (10.0, 8.0, 4.0))) -> np.ndarray:
-    """A simulated room impulse response, direct path = 1, with an RT60 drawn uniformly from ``rt60_range``.
+    """A simulated room impulse response, direct path = 1 (its first non-zero sample), with an RT60 drawn
+    uniformly from ``rt60_range``.
 
     A random shoebox room (sides between ``room_range``), source and microphone at least 0.5 m from the walls.
     The first 50 ms after the direct sound are image sources (delays rounded to a sample, a reflection loss
@@ -142,10 +145,14 @@ def room_impulse_response(rng: np.random.Generator, sample_rate: int = SAMPLE_RA
 
 
 def reverberate(wav: np.ndarray, rir: np.ndarray) -> np.ndarray:
-    """``wav`` convolved with ``rir``, aligned on the RIR's largest peak (the direct path) so speech is not
-    delayed, cut to ``len(wav)`` and rescaled to the input RMS (reverberation should not change the level)."""
-    peak = int(np.argmax(np.abs(rir)))
-    wet = fftconvolve(wav.astype(np.float64), rir.astype(np.float64))[peak: peak + len(wav)]
+    """``wav`` convolved with ``rir``, aligned on the direct path so speech is not delayed, cut to ``len(wav)``
+    and rescaled to the input RMS (reverberation should not change the level; only a result that would then
+    peak above 1 is scaled down).  The direct path is the first sample within 6 dB of the RIR's largest: the
+    largest alone is a later pair of coinciding reflections in ~10% of simulated rooms.  Convolution in float32
+    (3x faster than float64, error ~1e-7)."""
+    magnitude = np.abs(rir)
+    peak = int(np.argmax(magnitude >= 0.5 * magnitude.max()))
+    wet = fftconvolve(np.asarray(wav, np.float32), np.asarray(rir, np.float32))[peak: peak + len(wav)]
     wet_power = _power(wet)
     if wet_power == 0.0:
         return np.array(wav, dtype=np.float32)
@@ -163,14 +170,15 @@ def speed_perturb(wav: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE
     return _fit(out)
 
 
-def _spans(rng: np.random.Generator, batch: int, count: int, max_width: int, size: int) -> np.ndarray:
-    """(batch, size) booleans: the union of ``count`` spans per item, widths uniform in [0, max_width]
-    (capped at size), starts uniform over the positions where the span fits."""
-    max_width = min(max_width, size)
-    width = rng.integers(0, max_width + 1, size=(batch, count, 1))
-    start = (rng.random((batch, count, 1)) * (size - width + 1)).astype(np.int64)
-    index = np.arange(size)
-    return ((index >= start) & (index < start + width)).any(axis=1)
+def _spans(rng: np.random.Generator, batch: int, count: int, max_width: int, size: int):
+    """(item, position) index pairs covering ``count`` spans per item, widths uniform in [0, max_width] (capped
+    at size), starts uniform over the positions where the span fits; overlapping spans repeat positions."""
+    width = rng.integers(0, min(max_width, size) + 1, size=batch * count)
+    start = (rng.random(batch * count) * (size - width + 1)).astype(np.int64)
+    first = np.cumsum(width) - width                     # where each span's run begins in the flat output
+    item = np.repeat(np.arange(batch * count) // count, width)
+    position = np.repeat(start - first, width) + np.arange(int(width.sum()))
+    return item, position
 
 
 def mask_spectrogram(features: np.ndarray, rng: np.random.Generator, time_masks: int = 2,
@@ -186,13 +194,16 @@ def mask_spectrogram(features: np.ndarray, rng: np.random.Generator, time_masks:
         raise ValueError(f"expected (frames, bands) or (batch, frames, bands[, 1]), got shape {x.shape}")
     batch, frames, bands = (1, *x.shape) if x.ndim == 2 else x.shape[:3]
     out = x.reshape(batch, frames, bands).copy()
-    fill = (out.reshape(batch, -1).sum(axis=1) / (frames * bands)).astype(x.dtype)
-    # Fancy-index writes touch only the masked rows and columns (a full-size np.where is ~4x slower).
+    if not (time_masks > 0 and max_time_width > 0) and not (freq_masks > 0 and max_freq_width > 0):
+        return out.reshape(x.shape)
+    # Means by a matrix-vector product (2x faster than .sum); fancy-index writes touch only the masked rows and
+    # columns (a full-size np.where is ~4x slower).
+    fill = (out.reshape(batch, -1) @ np.full(frames * bands, 1.0 / (frames * bands), out.dtype)).astype(x.dtype)
     if time_masks > 0 and max_time_width > 0:
-        item, frame = np.nonzero(_spans(rng, batch, time_masks, max_time_width, frames))
+        item, frame = _spans(rng, batch, time_masks, max_time_width, frames)
         out[item, frame, :] = fill[item, None]
     if freq_masks > 0 and max_freq_width > 0:
-        item, band = np.nonzero(_spans(rng, batch, freq_masks, max_freq_width, bands))
+        item, band = _spans(rng, batch, freq_masks, max_freq_width, bands)
         out[item, :, band] = fill[item, None]
     return out.reshape(x.shape)
 
