@@ -1,7 +1,8 @@
 """Stage softmax: ResCNN pre-trained with softmax over the training speakers (softmax.* and train.* params)."""
-import functools
+import dataclasses
 from pathlib import Path
 
+from voiceprint.augment import MaskSettings
 from voiceprint.checkpoint import check_architecture, init_checkpoint_path
 from voiceprint.distribute import STRATEGIES
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
@@ -24,28 +25,23 @@ def main() -> None:
     if init is not None:
         check_architecture(init, "softmax.init_checkpoint", filters=args["filters"], blocks=args["blocks"],
                            embedding_dim=args["embedding_dim"])
-    a = params.section("augment")     # SpecAugment masks on the training crops
-    masks = dict(time_masks=a.int("time_masks", min=0), max_time_width=a.int("time_mask_frames", min=1),
-                 freq_masks=a.int("freq_masks", min=0), max_freq_width=a.int("freq_mask_bands", min=1))
+    masks = MaskSettings.from_section(params.section("augment"))     # SpecAugment on the training crops
     t = params.section("train")
     strategy, mixed_precision = t.str("strategy", choices=STRATEGIES), t.bool("mixed_precision")
     configure_tensorflow(args["seed"])
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
-    from voiceprint.splits import training_inputs
+    from voiceprint.splits import existing, training_inputs
     from voiceprint.training import train_softmax
 
     distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     checkpoint = resume.stage_checkpoint(
-        "softmax", {**args, **masks, "init_checkpoint": init},
-        ["data/features", "data/model_inputs", *([init] if init else []), Path(__file__)], distribution)
-    transform = None
-    if masks["time_masks"] or masks["freq_masks"]:
-        from voiceprint.augment import mask_spectrogram
-        transform = functools.partial(mask_spectrogram, **masks)
+        "softmax", {**args, **dataclasses.asdict(masks), "init_checkpoint": init},
+        ["data/features", "data/model_inputs", *existing("data/augmented"), *([init] if init else []),
+         Path(__file__)], distribution)
     trained = train_softmax(store, split, init_checkpoint=init, distribution=distribution, checkpoint=checkpoint,
-                            crop_transform=transform, **args)
+                            crop_transform=masks.mask if masks.masking else None, **args)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/softmax.keras")

@@ -26,7 +26,7 @@ def main() -> None:
     configure_tensorflow(args["seed"])
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
-    from voiceprint.splits import training_inputs
+    from voiceprint.splits import existing, training_inputs
     from voiceprint.training import train_triplet
 
     distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
@@ -43,7 +43,8 @@ def main() -> None:
     if args["epochs"]:      # epochs 0 trains nothing: nothing to resume
         checkpoint = resume.stage_checkpoint(
             "triplet", {**args, "init_checkpoint": init},
-            ["data/features", "data/model_inputs", init or SOFTMAX_MODEL, Path(__file__)], distribution)
+            ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
+             Path(__file__)], distribution)
     trained = train_triplet(model, store, split, distribution=distribution, checkpoint=checkpoint, **args)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs

@@ -286,19 +286,25 @@ def settings(**overrides):
     return A.AugmentSettings.from_section(Params({"augment": {**DEFAULTS, **overrides}}).section("augment"))
 
 
+def masks(**overrides):
+    return A.MaskSettings.from_section(Params({"augment": {**DEFAULTS, **overrides}}).section("augment"))
+
+
 def test_repo_params_have_augmentation_off():
-    s = A.AugmentSettings.from_section(load_params(REPO / "params.yaml").section("augment"))
-    assert s == A.AugmentSettings() == settings()
-    assert s.copies == 0 and s.speed_factors == () and not s.masking
+    section = load_params(REPO / "params.yaml").section("augment")
+    s, m = A.AugmentSettings.from_section(section), A.MaskSettings.from_section(section)
+    assert s == A.AugmentSettings() == settings() and m == A.MaskSettings() == masks()
+    assert s.copies == 0 and s.speed_factors == () and not m.masking
     feats = np.ones((10, 4), np.float32)
-    assert s.mask(feats, rng()) is feats
+    assert m.mask(feats, rng()) is feats
 
 
 def test_settings_are_typed():
-    s = settings(speed_perturb=True, copies=2, kinds=["reverb"], snr_db=[0, 15.5], babble_talkers=4, rt60=0.5,
-                 time_masks=2)
+    s = settings(speed_perturb=True, copies=2, kinds=["reverb"], snr_db=[0, 15.5], babble_talkers=4, rt60=0.5)
     assert s.speed_factors == (0.9, 1.1) and s.copies == 2 and s.kinds == ("reverb",)
-    assert s.snr_db == (0.0, 15.5) and s.babble_talkers == (4, 4) and s.rt60 == (0.5, 0.5) and s.masking
+    assert s.snr_db == (0.0, 15.5) and s.babble_talkers == (4, 4) and s.rt60 == (0.5, 0.5)
+    m = masks(time_masks=2)
+    assert m.masking and m.time_masks == 2 and m.freq_masks == 0
     with pytest.raises(Exception):
         s.copies = 3                                    # frozen
 
@@ -321,6 +327,7 @@ def test_settings_are_typed():
 def test_settings_errors_name_the_key(override, message):
     with pytest.raises(ParamsError) as err:
         settings(**override)
+        masks(**override)
     assert message in str(err.value)
 
 

@@ -210,7 +210,8 @@ def mask_spectrogram(features: np.ndarray, rng: np.random.Generator, time_masks:
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """The augmentation of one run (params.yaml ``augment:``); the defaults change nothing."""
+    """The augmented copies of one run (params.yaml ``augment:``, read by the augment stage); the defaults make
+    none."""
     speed_perturb: bool = False                  # add 0.9x and 1.1x copies of each training speaker as new speakers
     copies: int = 0                              # extra augmented copies per training utterance
     kinds: tuple[str, ...] = KINDS               # each copy gets one of these, chosen at random
@@ -218,10 +219,6 @@ class AugmentSettings:
     babble_talkers: tuple[int, int] = (3, 6)
     rt60: tuple[float, float] = (0.2, 0.8)       # seconds, uniform
     seed: int = 11
-    time_masks: int = 0                          # SpecAugment masks on training crops
-    time_mask_frames: int = 20
-    freq_masks: int = 0
-    freq_mask_bands: int = 8
 
     @classmethod
     def from_section(cls, section) -> "AugmentSettings":
@@ -238,10 +235,6 @@ class AugmentSettings:
             babble_talkers=section.range("babble_talkers", integer=True, min=1),
             rt60=section.range("rt60", min=0.05, max=3.0),
             seed=section.int("seed"),
-            time_masks=section.int("time_masks", min=0),
-            time_mask_frames=section.int("time_mask_frames", min=1),
-            freq_masks=section.int("freq_masks", min=0),
-            freq_mask_bands=section.int("freq_mask_bands", min=1),
         )
 
     @property
@@ -249,12 +242,29 @@ class AugmentSettings:
         """Speed factors whose copies become new speakers (none unless ``speed_perturb``)."""
         return SPEED_FACTORS if self.speed_perturb else ()
 
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """SpecAugment on the training crops (params.yaml ``augment.*_mask*``, read by the softmax stage); the
+    defaults mask nothing."""
+    time_masks: int = 0
+    time_mask_frames: int = 20
+    freq_masks: int = 0
+    freq_mask_bands: int = 8
+
+    @classmethod
+    def from_section(cls, section) -> "MaskSettings":
+        return cls(time_masks=section.int("time_masks", min=0),
+                   time_mask_frames=section.int("time_mask_frames", min=1),
+                   freq_masks=section.int("freq_masks", min=0),
+                   freq_mask_bands=section.int("freq_mask_bands", min=1))
+
     @property
     def masking(self) -> bool:
         return self.time_masks > 0 or self.freq_masks > 0
 
     def mask(self, features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """:func:`mask_spectrogram` with this run's settings (the features unchanged when masking is off)."""
+        """:func:`mask_spectrogram` with these settings (the features unchanged when masking is off)."""
         if not self.masking:
             return features
         return mask_spectrogram(features, rng, self.time_masks, self.time_mask_frames, self.freq_masks,

@@ -134,6 +134,13 @@ def read_split(directory) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.read_csv(directory / "trials.csv", dtype=text))
 
 
+def existing(*paths) -> list:
+    """The given paths that exist (optional inputs of a training stage's resume fingerprint)."""
+    from pathlib import Path
+
+    return [p for p in paths if Path(p).exists()]
+
+
 def training_inputs(features_dir, inputs_dir, augmented_dir=None):
     """(store, utterances) the training stages read: the corpus' feature store and split, joined by the augmented
     copies of the training utterances when ``augmented_dir`` holds any (the augment stage's output)."""
