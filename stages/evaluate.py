@@ -3,7 +3,8 @@ package the deployed system with its calibrated thresholds as models/voiceprint
 (evaluate.* params, and tdnn.fusion / tdnn.fusion_weight).
 
 Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless tdnn.fusion is none)
-and the no-training MFCC baseline.
+and the no-training MFCC baseline; with evaluate.score_norm as_norm also the deployed system's AS-normalised
+scores (``<deployed>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
 """
 import json
 
@@ -29,6 +30,11 @@ def main() -> None:
     seed = p.int("seed", min=0)
     deploy = p.str("deploy", choices=["base", "head", "fused"])
     cross_corpus = p.str("cross_corpus")
+    from voiceprint.score_norm import MIN_TOP_N, SCORE_NORMS
+
+    score_norm = p.str("score_norm", choices=SCORE_NORMS)
+    cohort_top_n = p.int("cohort_top_n", min=MIN_TOP_N)
+    cohort_utterances = p.int("cohort_utterances", min=1)
     tdnn = params.section("tdnn")
     from voiceprint.evaluation import FUSIONS, fusion_base_weight
 
@@ -47,6 +53,10 @@ def main() -> None:
 
     store = FeatureStore.open("data/features")
     split, trials = read_split("data/model_inputs")
+    if score_norm == "as_norm":   # before any embedding: can the training speakers supply the top N?
+        from voiceprint.score_norm import check_top_n
+
+        check_top_n(cohort_top_n, split[split.role == "train"].speaker.nunique())
     ev = split[split.role == "evaluation"]
     positions = store.position(ev.utterance)
     models = {name: load_model(path, what=f"{name} model") for name, path in MODELS.items()}
@@ -69,19 +79,30 @@ def main() -> None:
     report.update(deltas)
     report["deployed"] = deploy
 
-    thresholds = {"eer": report[deploy]["eer_threshold"], "low_far_rate": low_far,
-                  "low_far": metrics.threshold_at_far(scores[deploy], labels, low_far)}
+    calibrated, cohort = deploy, None
+    if score_norm == "as_norm":
+        cohort = training_cohort(models, store, split, deploy=deploy, fusion=fusion, base_weight=base_weight,
+                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop)
+        calibrated = f"{deploy}_asnorm"
+        verdicts.append(add_as_norm_system(report, scores, calibrated, deploy, embeddings[deploy], cohort,
+                                           cohort_top_n, ev.utterance.to_numpy(), trials, p_target=p_target,
+                                           bootstrap=bootstrap, seed=seed))
+
+    thresholds = {"eer": report[calibrated]["eer_threshold"], "low_far_rate": low_far,
+                  "low_far": metrics.threshold_at_far(scores[calibrated], labels, low_far)}
     meta = json.loads((store.directory / META_FILE).read_text())
     features = {"kind": store.kind, "vad": meta.get("vad", "original"), "num_bands": store.num_bands,
                 "sample_rate": meta.get("sample_rate", 16000), "min_seconds": meta.get("min_seconds", 0.0),
                 "window_frames": window, "hop_frames": hop}
     save_bundle(BUNDLE, models[deploy], system=deploy, features=features, thresholds=thresholds,
-                evaluation={k: report[deploy][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")})
+                evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
+                score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None)
 
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):
-        report["cross_corpus"] = score_cross_corpus(cross_corpus, models, store, features, train_rows, base_weight,
-                                                    fusion, p_target=p_target, bootstrap=bootstrap, seed=seed)
+        report["cross_corpus"] = score_cross_corpus(
+            cross_corpus, models, store, features, train_rows, base_weight, fusion, deploy=deploy, cohort=cohort,
+            top_n=cohort_top_n, p_target=p_target, bootstrap=bootstrap, seed=seed)
     else:
         print(f"evaluate: evaluate.cross_corpus {cross_corpus!r} holds no recordings: no cross-corpus evaluation")
 
@@ -97,7 +118,7 @@ def main() -> None:
     plots.training_curves(TRAINING_CURVES, f"{FIGURES}/training.png")
     write_metrics("metrics/eval.json", report)
 
-    systems = [(name, report[name]) for name in embeddings]
+    systems = [(name, report[name]) for name in scores]
     systems += [(f"{name} (cross-corpus)", r) for name, r in report.get("cross_corpus", {}).items()
                 if isinstance(r, dict)]
     for name, r in systems:
@@ -105,17 +126,19 @@ def main() -> None:
               if "eer_ci95_low" in r else "")
         print(f"evaluate: {name:28s} EER {100 * r['eer']:5.2f}%{ci}  minDCF {r['min_dcf']:.3f}  "
               f"({r['target_trials']} target / {r['nontarget_trials']} non-target trials)")
-    print(f"evaluate: deployed {deploy} -> {BUNDLE} (EER threshold {thresholds['eer']:.4f}, "
+    print(f"evaluate: deployed {calibrated} -> {BUNDLE} (EER threshold {thresholds['eer']:.4f}, "
           f"{100 * low_far:g}% false-accept threshold {thresholds['low_far']:.4f})")
     for line in verdicts:
         print(line)
 
 
-def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, **report_args) -> dict:
-    """Every system (and the MFCC baseline) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
+def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, *, deploy, cohort, top_n,
+                       **report_args) -> dict:
+    """Every system (and the MFCC baseline; with a cohort, the deployed system with AS-norm too) on all pairs of a
+    corpus never trained on (evaluate.cross_corpus)."""
     from voiceprint.cross_corpus import load_eval_set
     from voiceprint.embedding import embed_features
-    from voiceprint.evaluation import cosine_scores, fuse, report_system, znorm_baseline
+    from voiceprint.evaluation import as_norm_scores, cosine_scores, fuse, report_system, znorm_baseline
     from voiceprint.runtime import default_workers
 
     eval_set = load_eval_set(source, kind=features["kind"], vad=features["vad"], sample_rate=features["sample_rate"],
@@ -130,9 +153,54 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows, apply_to=eval_set.baseline)
     out = {name: report_system(cosine_scores(emb, eval_set.utterances, eval_set.trials), eval_set.trials, emb,
                                eval_set.speakers, **report_args) for name, emb in embeddings.items()}
+    if cohort is not None:
+        normalised = as_norm_scores(embeddings[deploy], eval_set.utterances, eval_set.trials, cohort, top_n)
+        out[f"{deploy}_asnorm"] = report_system(normalised, eval_set.trials, None, None, **report_args)
     out.update(speakers=int(len(set(eval_set.speakers))), utterances=len(eval_set.utterances),
                left_out=len(eval_set.rejected))
     return out
+
+
+def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop):
+    """The AS-norm cohort: one mean embedding per training speaker (``score_norm.speaker_cohort``), embedded by the
+    deployed system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``), from
+    at most ``per_speaker`` training utterances each: a speaker mean needs few, and this bounds the cost."""
+    from voiceprint.embedding import embed_utterances
+    from voiceprint.evaluation import fuse
+    from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
+
+    picked = pick_cohort_utterances(split, per_speaker, seed)
+    positions = store.position(picked.utterance)
+    parts = {name: embed_utterances(models[name], store, positions, window_frames=window, hop_frames=hop,
+                                    progress=True, desc=f"cohort {name}")
+             for name in (("base", "head") if deploy == "fused" else (deploy,))}
+    emb = fuse(parts["base"], parts["head"], fusion, base_weight) if deploy == "fused" else parts[deploy]
+    return speaker_cohort(emb, picked.speaker.to_numpy())
+
+
+def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utterances, trials, *, p_target,
+                       bootstrap, seed) -> str:
+    """Score the trials of system ``raw`` with AS-norm as system ``name`` (into ``report`` and ``scores``, with its
+    DET points), and ``<name>_minus_<raw>_eer`` with its paired interval: does the normalisation help?
+    Returns the line to print."""
+    from voiceprint import metrics
+    from voiceprint.evaluation import as_norm_scores, paired_eer_difference_ci, report_system
+    from voiceprint.outputs import write_csv
+
+    scores[name] = as_norm_scores(embeddings, utterances, trials, cohort, top_n)
+    # No original_protocol: it scores raw cosines, so it would repeat the raw system's numbers.
+    report[name] = report_system(scores[name], trials, None, None, p_target=p_target, bootstrap=bootstrap,
+                                 seed=seed)
+    report[name].update(cohort_speakers=len(cohort), cohort_top_n=top_n)
+    write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], trials.label.to_numpy()))
+    key = f"{name}_minus_{raw}_eer"
+    report[key] = report[name]["eer"] - report[raw]["eer"]
+    line = f"{name} vs {raw}: EER {100 * report[key]:+.2f} points"
+    if bootstrap > 0:
+        low, high = paired_eer_difference_ci(scores[name], scores[raw], trials, n_boot=bootstrap, seed=seed)
+        report[f"{key}_ci95_low"], report[f"{key}_ci95_high"] = low, high
+        line += f" (paired 95% CI {100 * low:+.2f} to {100 * high:+.2f} points)"
+    return line
 
 
 if __name__ == "__main__":

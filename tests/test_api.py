@@ -195,3 +195,70 @@ def test_vad_is_passed_only_where_featurize_file_takes_it(rec, corpus, monkeypat
         api.Recognizer(energy)
     monkeypatch.undo()
     assert api.Recognizer(rec.bundle)._featurize_kwargs["vad"] == "original"
+
+
+# ------------------------------------------------------------------------------------------------ AS-norm bundles
+
+@pytest.fixture(scope="module")
+def normed(model, tmp_path_factory):
+    cohort = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    path = save_bundle(tmp_path_factory.mktemp("normed") / "voiceprint", model, system="head", features=FEATURES,
+                       thresholds={"eer": 0.0, "low_far": 2.0, "low_far_rate": 0.01}, evaluation={"eer": 0.1},
+                       score_norm="as_norm", cohort=cohort, cohort_top_n=3)
+    return api.Recognizer(path), cohort
+
+
+def test_verify_and_compare_with_as_norm(normed, rec, corpus, embeddings):
+    from voiceprint.score_norm import as_norm
+
+    nrec, cohort = normed
+    files = list(corpus[1].file)
+    raw = api.cosine(embeddings[0], embeddings[1:])[0]
+    expected = as_norm(raw, embeddings[:1], embeddings[1:], cohort, 3)
+    assert not np.allclose(expected, raw)
+    result = nrec.verify(files[0], files[1])
+    assert result.score == pytest.approx(expected[0], abs=1e-5)
+    assert (result.threshold, result.threshold_name, result.score_norm) == (0.0, "eer", "as_norm")
+    assert result.same_speaker == (result.score >= 0.0)
+    assert nrec.verify(files[0], files[1], threshold="-5").threshold == -5.0   # normalised scores are unbounded
+    np.testing.assert_allclose(nrec.compare(files[0], files[1:]), expected, atol=1e-5)
+    # the same model without a cohort scores by cosine, as before
+    assert (rec.score_norm, rec.verify(files[0], files[1]).score_norm) == ("none", "none")
+
+
+def test_identify_with_as_norm(normed, corpus, embeddings, tmp_path):
+    from voiceprint.score_norm import as_norm
+
+    nrec, cohort = normed
+    manifest = corpus[1]
+    files = list(manifest.file)
+    with Registry(tmp_path / "reg.sqlite") as reg:
+        means = {}
+        for spk in ("spk0000", "spk0001"):
+            rows = np.flatnonzero(manifest.speaker == spk)[:2]
+            nrec.enroll(reg, spk, [files[i] for i in rows])
+            means[spk] = embeddings[rows].astype(np.float64).mean(axis=0)
+        # each speaker's cosine normalised with the cohort statistics of the probe and of that speaker's mean
+        expected = {spk: float(as_norm(api.cosine(embeddings[2], m)[0], m, embeddings[2], cohort, 3)[0])
+                    for spk, m in means.items()}
+        found = nrec.identify(reg, files[2], top=2, threshold=-100.0)
+        assert found.score_norm == "as_norm"
+        assert [c.speaker for c in found.candidates] == sorted(expected, key=expected.get, reverse=True)
+        for c in found.candidates:
+            assert c.score == pytest.approx(expected[c.speaker], abs=1e-5)
+        assert nrec.identify(reg, files[2], threshold=100.0).speaker == "unknown"
+
+
+def test_cluster_on_pair_scores_matches_cosine_clustering(normed, corpus, embeddings):
+    # Clustering on a score matrix is the cosine clustering when the scores are the cosines (distances shifted).
+    cos = api.cosine(embeddings, embeddings)
+    for t in (0.9, 0.5, 0.0):
+        np.testing.assert_array_equal(api.cluster_embeddings(embeddings, threshold=t, scores=cos),
+                                      api.cluster_embeddings(embeddings, threshold=t))
+    np.testing.assert_array_equal(api.cluster_embeddings(embeddings, num_speakers=3, scores=cos),
+                                  api.cluster_embeddings(embeddings, num_speakers=3))
+    nrec, _ = normed
+    normed_scores = nrec.scores(embeddings, embeddings)
+    np.testing.assert_array_equal(nrec.cluster(list(corpus[1].file), threshold=0.5),
+                                  api.cluster_embeddings(embeddings, threshold=0.5, scores=normed_scores))
+    assert nrec.cluster(list(corpus[1].file), num_speakers=3).max() == 3

@@ -140,3 +140,79 @@ def test_failed_save_keeps_the_previous_bundle(saved, model, tmp_path, monkeypat
         B.save_bundle(copy, model, system="head", features=FEATURES, thresholds=THRESHOLDS, evaluation=EVALUATION)
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]   # no temporary directory left behind
+
+
+# ------------------------------------------------------------------------------------------------ AS-norm bundles
+
+COHORT = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+NORMED = {"eer": 2.4, "low_far": 4.1, "low_far_rate": 0.01}     # AS-norm scores: not bounded to [-1, 1]
+
+
+@pytest.fixture(scope="module")
+def normed(model, tmp_path_factory):
+    return B.save_bundle(tmp_path_factory.mktemp("normed") / "voiceprint", model, system="head", features=FEATURES,
+                         thresholds=NORMED, evaluation=EVALUATION, score_norm="as_norm", cohort=COHORT,
+                         cohort_top_n=4)
+
+
+def test_as_norm_round_trip(normed, saved, model, tmp_path):
+    loaded = B.load_bundle(normed)
+    assert sorted(p.name for p in normed.iterdir()) == ["calibration.json", "cohort.npy", "model.keras"]
+    assert (loaded.score_norm, loaded.cohort_top_n, loaded.thresholds) == ("as_norm", 4, NORMED)
+    assert loaded.cohort.dtype == np.float32
+    np.testing.assert_array_equal(loaded.cohort, COHORT)
+    calibration = json.loads((normed / "calibration.json").read_text())
+    assert calibration["cohort_sha256"] == B.file_sha256(normed / "cohort.npy")
+    assert calibration["model_sha256"] == json.loads((saved / "calibration.json").read_text())["model_sha256"]
+    # explicit thresholds are normalised scores: any finite number
+    assert loaded.threshold("-3.5") == ("explicit", -3.5)
+    with pytest.raises(B.ThresholdError, match="expected a finite number"):
+        loaded.threshold("inf")
+    again = B.save_bundle(tmp_path / "again", model, system="head", features=FEATURES, thresholds=NORMED,
+                          evaluation=EVALUATION, score_norm="as_norm", cohort=COHORT, cohort_top_n=4)
+    for name in ("model.keras", "cohort.npy", "calibration.json"):
+        assert (again / name).read_bytes() == (normed / name).read_bytes()
+    # a cosine bundle is unchanged: no score-norm keys, no cohort, cosine thresholds
+    plain = B.load_bundle(saved)
+    assert (plain.score_norm, plain.cohort, plain.cohort_top_n) == ("none", None, None)
+    plain_keys = set(json.loads((saved / "calibration.json").read_text()))
+    assert not {"score_norm", "cohort_top_n", "cohort_sha256"} & plain_keys
+
+
+def test_swapped_or_missing_cohort_is_refused(normed, tmp_path):
+    copy = shutil.copytree(normed, tmp_path / "copy")
+    np.save(copy / "cohort.npy", COHORT[::-1].copy())
+    with pytest.raises(B.BundleError, match=r"cohort.npy: sha256 .* differs from cohort_sha256 .* the cohort file"):
+        B.load_bundle(copy)
+    (copy / "cohort.npy").unlink()
+    with pytest.raises(B.BundleError, match="cohort.npy missing, but calibration.json has score_norm as_norm"):
+        B.load_bundle(copy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(cohort_top_n=7), r"cohort_top_n: 7 exceeds the cohort size 6"),
+    (lambda c: c.update(cohort_top_n=1), r"cohort_top_n: expected an integer >= 2"),
+    (lambda c: c.pop("cohort_sha256"), "cohort_sha256: missing"),
+    (lambda c: c.update(score_norm="snorm"), "score_norm: unknown score normalisation 'snorm'"),
+    (lambda c: c.update(score_norm="none"), r"thresholds.eer: must lie in \[-1.0, 1.0\]"),
+])
+def test_invalid_score_norm_calibration(normed, tmp_path, edit, message):
+    copy = shutil.copytree(normed, tmp_path / "copy")
+    calibration = json.loads((copy / "calibration.json").read_text())
+    edit(calibration)
+    (copy / "calibration.json").write_text(json.dumps(calibration))
+    with pytest.raises(B.BundleError, match=message) as info:
+        B.load_bundle(copy)
+    assert "calibration.json" in str(info.value)
+
+
+def test_save_checks_the_cohort(model, tmp_path):
+    args = dict(system="head", features=FEATURES, thresholds=NORMED, evaluation=EVALUATION, score_norm="as_norm")
+    with pytest.raises(B.BundleError, match=r"cohort.npy: expected a finite float32 array \(speakers, 16\)"):
+        B.save_bundle(tmp_path / "b", model, cohort=COHORT[:, :8], cohort_top_n=2, **args)
+    with pytest.raises(B.BundleError, match="cohort_top_n: 100 exceeds the cohort size 6"):
+        B.save_bundle(tmp_path / "b", model, cohort=COHORT, cohort_top_n=100, **args)
+    with pytest.raises(B.BundleError, match="none, but a cohort was given"):
+        B.save_bundle(tmp_path / "b", model, **{**args, "score_norm": "none", "thresholds": THRESHOLDS},
+                      cohort=COHORT, cohort_top_n=2)
+    assert not (tmp_path / "b").exists()

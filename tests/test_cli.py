@@ -64,6 +64,25 @@ def test_verify_human_and_json(setup, capsys):
     assert (result["same_speaker"], result["threshold"], result["threshold_name"]) == (True, -1.0, "explicit")
 
 
+def test_verify_reports_the_scoring(setup, capsys):
+    from voiceprint.score_norm import as_norm_matrix
+
+    a, b = setup["files"][:2]
+    _, out, _ = _run(capsys, "verify", a, b, "--model", setup["bundle"], "--json")
+    assert json.loads(out)["score_norm"] == "none"
+    cohort = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    normed = save_bundle(setup["root"] / "normed", setup["rec"].bundle.model, system="head", features=FEATURES,
+                         thresholds={"eer": 0.25, "low_far": 2.0, "low_far_rate": 0.01}, evaluation={"eer": 0.1},
+                         score_norm="as_norm", cohort=cohort, cohort_top_n=3)
+    expected = float(as_norm_matrix(setup["emb"][:1], setup["emb"][1:2], cohort, 3)[0, 0])
+    code, out, _ = _run(capsys, "verify", a, b, "--model", normed, "--json")
+    result = json.loads(out)
+    assert (code, result["score_norm"], result["threshold"]) == (0, "as_norm", 0.25)
+    assert result["score"] == pytest.approx(expected, abs=1e-5)
+    code, out, _ = _run(capsys, "verify", a, b, "--model", normed, "--threshold", "-3")
+    assert code == 0 and out.rstrip().endswith("threshold -3.0000 (explicit, AS-norm score)")
+
+
 def test_compare_one_score_per_reference(setup, capsys):
     files, emb = setup["files"], setup["emb"]
     code, out, _ = _run(capsys, "compare", files[0], "--against", *files[3:6], "--model", setup["bundle"], "--json")

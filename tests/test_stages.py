@@ -76,6 +76,8 @@ def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
     ("tdnn_head", "tdnn", {"contexts": [[-3, -1, 0, 1, 3]]},
      "tdnn.contexts: context [-3, -1, 0, 1, 3] must be evenly"),
     ("evaluate", "evaluate", {"p_target": 2}, "evaluate.p_target: must be <= 1.0"),
+    ("evaluate", "evaluate", {"score_norm": "snorm"}, "evaluate.score_norm: must be one of none, as_norm; got 'snorm'"),
+    ("evaluate", "evaluate", {"cohort_top_n": 1}, "evaluate.cohort_top_n: must be >= 2, got 1"),
     ("softmax", "softmax", {"init_checkpoint": "checkpoints/none.h5"},
      "softmax.init_checkpoint: checkpoint file checkpoints/none.h5 not found"),
     ("triplet", "triplet", {"init_checkpoint": "/tmp/x.h5"},

@@ -10,8 +10,11 @@
         rec.enroll(reg, "alice", ["alice1.flac", "alice2.flac"])
         rec.identify(reg, "who.flac", top=3)        # Identification(speaker="alice" or "unknown", ...)
 
-Scores are cosine similarities in [-1, 1]; "same speaker" means score >= threshold. Thresholds come from the
-bundle's calibration (``"eer"``, ``"low_far"``) or are given as numbers. Files are processed exactly as the
+Scores are cosine similarities in [-1, 1], or, with a bundle that carries an AS-norm cohort (``score_norm: as_norm``,
+written by the evaluate stage under ``evaluate.score_norm: as_norm``), those cosines normalised by AS-norm
+(``voiceprint.score_norm``), which is how that bundle's thresholds were calibrated; ``score_norm`` in each result
+says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's calibration (``"eer"``,
+``"low_far"``) or are given as numbers. Files are processed exactly as the
 pipeline processed its training and evaluation audio (the bundle's feature settings, then the feature store's
 float16 rounding), so a file embeds here as in the evaluate stage and the calibration applies: bit-identical, or
 within float32 round-off (~1e-7) where files of equal frame count share a batch.
@@ -29,7 +32,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
-from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_speakers
+from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_scores, rank_speakers
+from voiceprint.score_norm import as_norm_matrix
 
 MODEL_ENV_VAR = "VOICEPRINT_MODEL"
 DEFAULT_MODEL = Path("models/voiceprint")
@@ -81,10 +85,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def cluster_embeddings(embeddings: np.ndarray, *, threshold: float | None = None,
-                       num_speakers: int | None = None) -> np.ndarray:
+                       num_speakers: int | None = None, scores: np.ndarray | None = None) -> np.ndarray:
     """Speaker labels 1..k (numbered in order of first appearance) by agglomerative clustering on cosine distance
     with average linkage: groups merge while the mean cosine score between them is above ``threshold``, or until
-    ``num_speakers`` groups remain. Give exactly one of the two."""
+    ``num_speakers`` groups remain. Give exactly one of the two. ``scores``: a symmetric (n, n) matrix of pair
+    scores (e.g. AS-norm) to use instead of the embeddings' cosines, with the same merge rule."""
     from sklearn.cluster import AgglomerativeClustering
 
     if (threshold is None) == (num_speakers is None):
@@ -94,13 +99,23 @@ def cluster_embeddings(embeddings: np.ndarray, *, threshold: float | None = None
         raise InputError(f"cluster: --speakers {num_speakers} must lie in [1, {n}] (the number of files)")
     if n == 1:
         return np.ones(1, dtype=int)
-    if num_speakers is not None:
+    data = np.asarray(embeddings, dtype=np.float64)
+    if scores is not None:
+        # Average linkage commutes with a shift, so distances = top - score merge exactly while the mean score
+        # between two groups exceeds the threshold; `top` keeps every distance (and the cut) non-negative.
+        top = float(np.max(scores)) if threshold is None else max(float(np.max(scores)), threshold)
+        distances = top - np.asarray(scores, dtype=np.float64)
+        np.fill_diagonal(distances, 0.0)
+        algo = AgglomerativeClustering(n_clusters=num_speakers, metric="precomputed", linkage="average",
+                                       distance_threshold=None if threshold is None else top - threshold)
+        data = distances
+    elif num_speakers is not None:
         algo = AgglomerativeClustering(n_clusters=num_speakers, metric="cosine", linkage="average")
     else:
         # Cosine distance = 1 - score; sklearn merges while the linkage distance is below distance_threshold.
         algo = AgglomerativeClustering(n_clusters=None, distance_threshold=1.0 - threshold, metric="cosine",
                                        linkage="average")
-    raw = algo.fit_predict(np.asarray(embeddings, dtype=np.float64))
+    raw = algo.fit_predict(data)
     first_seen: dict[int, int] = {}
     for label in raw:
         first_seen.setdefault(int(label), len(first_seen) + 1)
@@ -113,6 +128,7 @@ class Verification:
     threshold: float
     threshold_name: str      # "eer", "low_far" or "explicit"
     same_speaker: bool       # score >= threshold
+    score_norm: str = "none"   # "none" (cosine) or "as_norm"
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,7 @@ class Identification:
     threshold: float
     threshold_name: str
     candidates: list[SpeakerScore]    # the top speakers, best first
+    score_norm: str = "none"          # "none" (cosine) or "as_norm"
 
     @property
     def known(self) -> bool:
@@ -152,6 +169,17 @@ class Recognizer:
     @property
     def model_sha256(self) -> str:
         return self.bundle.model_sha256
+
+    @property
+    def score_norm(self) -> str:
+        """How scores are computed: ``none`` (cosine) or ``as_norm`` (the bundle has a cohort)."""
+        return self.bundle.score_norm
+
+    def scores(self, enroll: np.ndarray, test: np.ndarray) -> np.ndarray:
+        """(len(enroll), len(test)) scores of embeddings, with the scoring the bundle was calibrated on."""
+        if self.score_norm == "as_norm":
+            return as_norm_matrix(enroll, test, self.bundle.cohort, self.bundle.cohort_top_n)
+        return cosine(enroll, test)
 
     def threshold(self, which: str | float = "eer") -> tuple[str, float]:
         """``(name, value)``; see :meth:`voiceprint.bundle.Bundle.threshold`."""
@@ -195,23 +223,24 @@ class Recognizer:
     def verify(self, a: str | Path, b: str | Path, *, threshold: str | float = "eer") -> Verification:
         name, value = self.threshold(threshold)
         emb = self.embed_files([a, b])
-        score = float(cosine(emb[0], emb[1])[0, 0])
-        return Verification(score, value, name, score >= value)
+        score = float(self.scores(emb[:1], emb[1:])[0, 0])
+        return Verification(score, value, name, score >= value, self.score_norm)
 
     def compare(self, probe: str | Path, references: Sequence[str | Path]) -> np.ndarray:
-        """Cosine score of ``probe`` against each reference, in order (e.g. a voice-converted file against its
-        source and its target speaker)."""
+        """Score of ``probe`` against each reference, in order (e.g. a voice-converted file against its source and
+        its target speaker); the bundle's scoring (see :attr:`score_norm`)."""
         if not references:
             raise InputError("compare: give at least one reference file")
         emb = self.embed_files([probe, *references])
-        return cosine(emb[:1], emb[1:])[0]
+        return self.scores(emb[:1], emb[1:])[0]
 
     def cluster(self, paths: Sequence[str | Path], *, threshold: str | float = "eer",
                 num_speakers: int | None = None, progress: bool = False) -> np.ndarray:
         """Speaker labels 1..k per file (see :func:`cluster_embeddings`); ``num_speakers`` overrides the threshold."""
         value = None if num_speakers is not None else self.threshold(threshold)[1]
-        return cluster_embeddings(self.embed_files(paths, progress=progress), threshold=value,
-                                  num_speakers=num_speakers)
+        emb = self.embed_files(paths, progress=progress)
+        pair_scores = self.scores(emb, emb) if self.score_norm != "none" else None
+        return cluster_embeddings(emb, threshold=value, num_speakers=num_speakers, scores=pair_scores)
 
     # ----------------------------------------------------------------------------------------- registry
 
@@ -228,14 +257,19 @@ class Recognizer:
 
     def identify(self, registry: Registry, path: str | Path, *, top: int = 1,
                  threshold: str | float = "eer") -> Identification:
-        """Open-set identification: the enrolled speaker whose mean enrolment embedding is closest (cosine), or
-        ``"unknown"`` when even that score is below the threshold. ``candidates`` holds the best ``top``."""
+        """Open-set identification: the enrolled speaker whose mean enrolment embedding scores highest, or
+        ``"unknown"`` when even that score is below the threshold. ``candidates`` holds the best ``top``. With AS-norm
+        each speaker's score is normalised with the cohort statistics of the probe and of that speaker's mean."""
         if top < 1:
             raise InputError(f"identify: --top must be >= 1, got {top}")
         name, value = self.threshold(threshold)
         # Read the registry before embedding: an empty or other-model registry fails fast.
-        speakers = registry.speaker_means(self.model_sha256, self.bundle.embedding_dim)
-        scores = rank_speakers(self.embed(path), *speakers)
+        names, means, counts = registry.speaker_means(self.model_sha256, self.bundle.embedding_dim)
+        probe = self.embed(path)
+        if self.score_norm == "none":
+            scores = rank_speakers(probe, names, means, counts)
+        else:
+            scores = rank_scores(names, self.scores(means, probe[None])[:, 0], counts)
         best = scores[0]
         return Identification(best.speaker if best.score >= value else UNKNOWN, best.score, value, name,
-                              scores[:top])
+                              scores[:top], self.score_norm)

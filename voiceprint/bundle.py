@@ -3,16 +3,21 @@
 Layout of a bundle directory (default ``models/voiceprint/``, written by the ``evaluate`` stage)::
 
     model.keras        features (batch, frames, bands, 1) float32 -> L2-normalised embedding (batch, D)
+    cohort.npy         (AS-norm bundles only) (speakers, D) float32: the score-normalisation cohort
     calibration.json   {"system", "model_sha256", "embedding_dim",
                         "features":   {"kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
                                        "hop_frames"[, "vad"]},
                         "thresholds": {"eer", "low_far", "low_far_rate"},
                         "evaluation": {"eer", "min_dcf", "target_trials", "nontarget_trials", ...},
+                        ["score_norm": "as_norm", "cohort_top_n", "cohort_sha256",]
                         "versions":   {...}}
 
-``thresholds.eer`` is the cosine score where false alarms and misses balance on the evaluation trials;
-``thresholds.low_far`` the one whose false-alarm rate is ``low_far_rate``. The sha256 ties the calibration to the
-exact model bytes, so a swapped model file cannot silently reuse thresholds measured on another model.
+``thresholds.eer`` is the score where false alarms and misses balance on the evaluation trials;
+``thresholds.low_far`` the one whose false-alarm rate is ``low_far_rate``. The score is the cosine, or, in a bundle
+with ``score_norm: as_norm``, the cosine normalised by AS-norm against ``cohort.npy`` (``voiceprint.score_norm``;
+no longer bounded to [-1, 1]). A bundle without ``score_norm`` (every bundle before it existed) scores by cosine.
+The sha256s tie the calibration to the exact model and cohort bytes, so a swapped file cannot silently reuse
+thresholds measured with another one.
 
 A bare ``.keras`` file also loads (:func:`load_bundle`), without thresholds: scores then need an explicit number.
 """
@@ -26,10 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
 
 MODEL_FILE = "model.keras"
 CALIBRATION_FILE = "calibration.json"
+COHORT_FILE = "cohort.npy"
 THRESHOLD_NAMES = ("eer", "low_far")
 # A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
 DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
@@ -45,7 +53,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 class ThresholdError(ValueError):
-    """A threshold that is neither a calibrated name nor a cosine score in [-1, 1]."""
+    """A threshold that is neither a calibrated name nor a score (a cosine in [-1, 1] unless AS-norm)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,8 @@ class FeatureSettings:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle. ``thresholds`` is None for a bare ``.keras`` file."""
+    """A loaded bundle. ``thresholds`` is None for a bare ``.keras`` file; ``cohort`` and ``cohort_top_n`` are
+    None unless ``score_norm`` is ``as_norm``."""
 
     path: Path
     model: Any = field(repr=False)
@@ -81,11 +90,15 @@ class Bundle:
     thresholds: dict[str, float] | None
     evaluation: dict
     versions: dict
+    score_norm: str = "none"
+    cohort: np.ndarray | None = field(default=None, repr=False)
+    cohort_top_n: int | None = None
 
     def threshold(self, which: str | float) -> tuple[str, float]:
         """``(label, value)`` for a threshold name (``eer``, ``low_far``) or a number (also as a string).
 
-        Raises ThresholdError with the reason: unknown name, no calibration (bare model), number outside [-1, 1].
+        Raises ThresholdError with the reason: unknown name, no calibration (bare model), a number that is not
+        finite, or (cosine scoring) outside [-1, 1].
         """
         if isinstance(which, str) and which.strip() in THRESHOLD_NAMES:
             name = which.strip()
@@ -93,12 +106,14 @@ class Bundle:
                 raise ThresholdError(f"model {self.path} has no calibration (a bare .keras file): "
                                  f"give the threshold as a number instead of {name!r}")
             return name, self.thresholds[name]
+        what = "an AS-norm score" if self.score_norm == "as_norm" else "a cosine score in [-1, 1]"
         try:
             value = float(which)
         except (TypeError, ValueError):
-            raise ThresholdError(f"threshold {which!r}: expected {' or '.join(THRESHOLD_NAMES)} "
-                             "or a cosine score in [-1, 1]") from None
-        if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ThresholdError(f"threshold {which!r}: expected {' or '.join(THRESHOLD_NAMES)} or {what}") from None
+        if not math.isfinite(value):
+            raise ThresholdError(f"threshold {which!r}: expected a finite number ({what})")
+        if self.score_norm == "none" and not -1.0 <= value <= 1.0:
             raise ThresholdError(f"threshold {which!r}: a cosine score must lie in [-1, 1]")
         return "explicit", value
 
@@ -172,10 +187,11 @@ def parse_features(data, source: str, prefix: str = "features.") -> FeatureSetti
     )
 
 
-def parse_thresholds(data, source: str) -> dict[str, float]:
+def parse_thresholds(data, source: str, score_norm: str = "none") -> dict[str, float]:
     data = _mapping(data, source, "thresholds")
     _keys(data, source, "thresholds.", THRESHOLD_NAMES + ("low_far_rate",))
-    out = {k: _number(data[k], source, f"thresholds.{k}", -1.0, 1.0) for k in THRESHOLD_NAMES}
+    low, high = (-1.0, 1.0) if score_norm == "none" else (None, None)   # AS-norm scores are unbounded
+    out = {k: _number(data[k], source, f"thresholds.{k}", low, high) for k in THRESHOLD_NAMES}
     out["low_far_rate"] = _number(data["low_far_rate"], source, "thresholds.low_far_rate", 0.0, 1.0)
     return out
 
@@ -187,6 +203,30 @@ def parse_evaluation(data, source: str) -> dict:
         raise _fail(source, "evaluation.eer", "missing")
     _number(data["eer"], source, "evaluation.eer", 0.0, 1.0)
     return data
+
+
+def parse_score_norm(value, source: str) -> str:
+    from voiceprint.score_norm import SCORE_NORMS
+
+    if value not in SCORE_NORMS:
+        raise _fail(source, "score_norm", f"unknown score normalisation {value!r}; valid: {', '.join(SCORE_NORMS)}")
+    return value
+
+
+def parse_cohort(cohort, source: str, *, dim: int, top_n) -> tuple[np.ndarray, int]:
+    """(cohort, top_n) checked: (speakers, ``dim``) finite float32 with at least ``top_n`` (>= 2) rows."""
+    from voiceprint.score_norm import check_top_n
+
+    if (not isinstance(cohort, np.ndarray) or cohort.dtype != np.float32 or cohort.ndim != 2
+            or cohort.shape[1] != dim or not np.isfinite(cohort).all()):
+        what = (f"{cohort.dtype} array of shape {cohort.shape}" if isinstance(cohort, np.ndarray)
+                else type(cohort).__name__)
+        raise _fail(source, COHORT_FILE, f"expected a finite float32 array (speakers, {dim}), got {what}")
+    try:
+        top_n = check_top_n(top_n, len(cohort))
+    except ValueError as exc:
+        raise _fail(source, "cohort_top_n", str(exc).removeprefix("evaluate.cohort_top_n: ")) from None
+    return cohort, top_n
 
 
 def _model_io(model, source: str) -> tuple[int, int]:
@@ -210,24 +250,36 @@ def file_sha256(path: str | Path) -> str:
 # ------------------------------------------------------------------------------------------------ save / load
 
 def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thresholds: dict,
-                evaluation: dict) -> Path:
-    """Write ``out_dir`` (model.keras + calibration.json) atomically: the directory is replaced as a whole,
-    so it never holds a model with another model's calibration. Same weights and arguments -> same bytes."""
+                evaluation: dict, score_norm: str = "none", cohort: np.ndarray | None = None,
+                cohort_top_n: int | None = None) -> Path:
+    """Write ``out_dir`` (model.keras + calibration.json, + cohort.npy for ``score_norm="as_norm"``) atomically:
+    the directory is replaced as a whole, so it never holds a model with another model's calibration. Same weights
+    and arguments -> same bytes; with ``score_norm="none"`` the same bytes as before score normalisation existed."""
     out_dir = Path(out_dir)
     source = f"save_bundle({out_dir})"
+    score_norm = parse_score_norm(score_norm, source)
     feats = parse_features(to_builtin(dict(features)), source)
-    calibrated = parse_thresholds(to_builtin(dict(thresholds)), source)
+    calibrated = parse_thresholds(to_builtin(dict(thresholds)), source, score_norm)
     evaluation = parse_evaluation(to_builtin(dict(evaluation)), source)
     system = _text(system, source, "system")
     bands, dim = _model_io(model, source)
     if bands != feats.num_bands:
         raise _fail(source, "features.num_bands", f"{feats.num_bands}, but the model takes {bands} bands")
+    if score_norm == "none" and (cohort is not None or cohort_top_n is not None):
+        raise _fail(source, "score_norm", "none, but a cohort was given (use score_norm='as_norm')")
+    if score_norm == "as_norm":
+        cohort, cohort_top_n = parse_cohort(cohort, source, dim=dim, top_n=cohort_top_n)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         save_keras_model(model, tmp / MODEL_FILE)
         calibration = {"system": system, "model_sha256": file_sha256(tmp / MODEL_FILE), "embedding_dim": dim,
                        "features": feats.to_dict(), "thresholds": calibrated, "evaluation": evaluation,
                        "versions": software_versions()}
+        if score_norm == "as_norm":
+            with open(tmp / COHORT_FILE, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(cohort, dtype="<f4"), allow_pickle=False)
+            calibration.update(score_norm=score_norm, cohort_top_n=cohort_top_n,
+                               cohort_sha256=file_sha256(tmp / COHORT_FILE))
         (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -284,25 +336,54 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
         raise BundleError(f"{source}: not valid JSON: {exc}") from None
     data = _mapping(data, source, "(top level)")
     _keys(data, source, "", ("system", "model_sha256", "embedding_dim", "features", "thresholds", "evaluation"),
-          ("versions",))
+          ("versions", "score_norm", "cohort_top_n", "cohort_sha256"))
     system = _text(data["system"], source, "system")
-    expected_sha = data["model_sha256"]
-    if not isinstance(expected_sha, str) or not re.fullmatch(r"[0-9a-f]{64}", expected_sha):
-        raise _fail(source, "model_sha256", f"expected 64 lowercase hex digits, got {expected_sha!r}")
+    expected_sha = _sha256(data["model_sha256"], source, "model_sha256")
     dim = _int(data["embedding_dim"], source, "embedding_dim", 1)
     feats = parse_features(data["features"], source)
-    thresholds = parse_thresholds(data["thresholds"], source)
+    score_norm = parse_score_norm(data.get("score_norm", "none"), source)   # older bundles: cosine
+    thresholds = parse_thresholds(data["thresholds"], source, score_norm)
     evaluation = parse_evaluation(data["evaluation"], source)
     versions = _mapping(data.get("versions", {}), source, "versions")
 
-    actual_sha = file_sha256(model_file)
-    if actual_sha != expected_sha:
-        raise BundleError(f"{model_file}: sha256 {actual_sha[:12]}... differs from model_sha256 "
-                          f"{expected_sha[:12]}... in {calibration_file.name}: the model file was replaced or "
-                          "corrupted, so the calibration does not apply; rebuild the bundle (dvc repro evaluate)")
+    _check_file(model_file, expected_sha, "model_sha256", calibration_file)
+    cohort, top_n = None, None
+    if score_norm == "as_norm":
+        for key in ("cohort_top_n", "cohort_sha256"):
+            if key not in data:
+                raise _fail(source, key, "missing (score_norm is as_norm)")
+        cohort_file = path / COHORT_FILE
+        if not cohort_file.is_file():
+            raise BundleError(f"{path}: {COHORT_FILE} missing, but {calibration_file.name} has score_norm as_norm")
+        _check_file(cohort_file, _sha256(data["cohort_sha256"], source, "cohort_sha256"), "cohort_sha256",
+                    calibration_file)
+        try:
+            cohort = np.load(cohort_file, allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(f"{cohort_file}: not a numpy array file: {exc}") from None
+        cohort, top_n = parse_cohort(cohort, source, dim=dim, top_n=data["cohort_top_n"])
+    else:
+        extra = sorted({"cohort_top_n", "cohort_sha256"} & set(data))
+        if extra:
+            raise _fail(source, extra[0], "given, but score_norm is none")
     model = _load_keras(model_file)
     bands, model_dim = _model_io(model, str(model_file))
     if (bands, model_dim) != (feats.num_bands, dim):
         raise BundleError(f"{model_file}: the model maps {bands} bands to {model_dim}-d embeddings, but "
                           f"{calibration_file.name} says {feats.num_bands} bands and embedding_dim {dim}")
-    return Bundle(path, model, system, actual_sha, dim, feats, thresholds, evaluation, versions)
+    return Bundle(path, model, system, expected_sha, dim, feats, thresholds, evaluation, versions, score_norm,
+                  cohort, top_n)
+
+
+def _sha256(value, source: str, key: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise _fail(source, key, f"expected 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+def _check_file(file: Path, expected: str, key: str, calibration_file: Path) -> None:
+    actual = file_sha256(file)
+    if actual != expected:
+        raise BundleError(f"{file}: sha256 {actual[:12]}... differs from {key} {expected[:12]}... in "
+                          f"{calibration_file.name}: the {file.stem} file was replaced or corrupted, so the "
+                          "calibration does not apply; rebuild the bundle (dvc repro evaluate)")

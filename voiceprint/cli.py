@@ -70,8 +70,15 @@ def _emit(args, payload: dict, human: str) -> int:
     return EXIT_OK
 
 
-def _model_info(rec) -> dict:
-    return {"model": str(rec.bundle.path), "model_sha256": rec.model_sha256}
+def _model_info(rec, *, scores: bool = True) -> dict:
+    """The model, and for commands that score, how: ``score_norm`` none (cosine) or as_norm."""
+    info = {"model": str(rec.bundle.path), "model_sha256": rec.model_sha256}
+    return {**info, "score_norm": rec.score_norm} if scores else info
+
+
+def _threshold_label(name: str, rec) -> str:
+    # Cosine output reads as before; normalised scores say so, since their scale is not a cosine's.
+    return name if rec.score_norm == "none" else f"{name}, AS-norm score"
 
 
 def _registry(args, *, create: bool):
@@ -107,7 +114,7 @@ def cmd_embed(args) -> int:
     rec = _recognizer(args)
     emb = rec.embed_files(paths, progress=_progress(args))
     names = [str(p) for p in paths]
-    payload = {**_model_info(rec), "files": len(names), "embedding_dim": int(emb.shape[1])}
+    payload = {**_model_info(rec, scores=False), "files": len(names), "embedding_dim": int(emb.shape[1])}
     if suffix is None:
         payload["embeddings"] = [{"path": n, "embedding": e.tolist()} for n, e in zip(names, emb)]
         return _emit(args, payload, "")
@@ -138,7 +145,7 @@ def cmd_verify(args) -> int:
                         "threshold": result.threshold, "threshold_name": result.threshold_name,
                         "same_speaker": result.same_speaker},
                  f"{verdict}: score {result.score:.4f} {relation} threshold {result.threshold:.4f} "
-                 f"({result.threshold_name})")
+                 f"({_threshold_label(result.threshold_name, rec)})")
 
 
 def cmd_compare(args) -> int:
@@ -159,7 +166,8 @@ def cmd_compare(args) -> int:
             r["same_speaker"] = bool(r["score"] >= value)
         verdict = "" if value is None else ("  same" if r["same_speaker"] else "  different")
         lines.append(f"{r['score']:8.4f}{verdict}  {r['reference']}")
-    header = f"{args.probe} against:" + ("" if value is None else f" (threshold {value:.4f}, {name})")
+    header = f"{args.probe} against:" + (
+        "" if value is None else f" (threshold {value:.4f}, {_threshold_label(name, rec)})")
     return _emit(args, {**_model_info(rec), "probe": args.probe, "threshold": value, "threshold_name": name,
                         "results": results}, "\n".join([header, *lines]))
 
@@ -174,7 +182,8 @@ def cmd_enroll(args) -> int:
     with _registry(args, create=True) as reg:
         result = rec.enroll(reg, name, paths, progress=_progress(args))
         where = str(reg.path)
-    return _emit(args, {**_model_info(rec), "registry": where, "speaker": result.speaker, "added": result.added,
+    return _emit(args, {**_model_info(rec, scores=False), "registry": where, "speaker": result.speaker,
+                        "added": result.added,
                         "already_enrolled": result.already_enrolled, "enrollments": result.enrollments},
                  f"enrolled {result.speaker}: {result.added} new recording(s), {result.already_enrolled} already "
                  f"enrolled, {result.enrollments} in total (registry {where})")
@@ -185,12 +194,12 @@ def cmd_identify(args) -> int:
     with _registry(args, create=False) as reg:
         result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
     best = result.candidates[0]
+    label = _threshold_label(result.threshold_name, rec)
     if result.known:
-        human = [f"{result.speaker}: score {result.score:.4f} >= threshold {result.threshold:.4f} "
-                 f"({result.threshold_name})"]
+        human = [f"{result.speaker}: score {result.score:.4f} >= threshold {result.threshold:.4f} ({label})"]
     else:
         human = [f"unknown: best {best.speaker} scores {best.score:.4f} < threshold {result.threshold:.4f} "
-                 f"({result.threshold_name})"]
+                 f"({label})"]
     if args.top > 1:
         human += [f"  {c.score:8.4f}  {c.speaker} ({c.enrollments} enrolment(s))" for c in result.candidates]
     return _emit(args, {**_model_info(rec), "file": args.file, "speaker": result.speaker, "known": result.known,
@@ -264,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
     model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
     threshold = argparse.ArgumentParser(add_help=False)
-    threshold.add_argument("--threshold", help="eer (default), low_far, or a cosine score in [-1, 1]")
+    threshold.add_argument("--threshold", help="eer (default), low_far, or a score: a cosine in [-1, 1], or an "
+                                               "AS-norm score for a bundle with a cohort (score_norm as_norm)")
     registry = argparse.ArgumentParser(add_help=False)
     registry.add_argument("--registry", help="SQLite registry file (default: $VOICEPRINT_REGISTRY, else "
                                              "~/.local/share/voiceprint/registry.sqlite)")

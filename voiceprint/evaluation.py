@@ -30,14 +30,16 @@ def znorm_baseline(vectors: np.ndarray, train_rows: np.ndarray, apply_to: np.nda
 def report_system(scores: np.ndarray, trials: pd.DataFrame, embeddings: np.ndarray, speakers, *,
                   p_target: float, bootstrap: int, seed: int) -> dict:
     """Headline numbers (EER, minDCF, trial counts, 95% CI of EER by speaker bootstrap) and, under
-    ``original_protocol``, the original recipe's F/TPR/accuracy for comparison only."""
+    ``original_protocol``, the original recipe's F/TPR/accuracy for comparison only (left out when ``embeddings``
+    is None: that protocol scores raw cosines, so a normalised system would only repeat its raw one)."""
     labels = trials.label.to_numpy()
     summary = metrics.score_summary(scores, labels, p_target=p_target)
     if bootstrap > 0:
         low, high = metrics.bootstrap_eer_ci(scores, labels, trials.enroll_speaker.to_numpy(),
                                              trials.test_speaker.to_numpy(), n_boot=bootstrap, seed=seed)
         summary.update(eer_ci95_low=low, eer_ci95_high=high)
-    summary["original_protocol"] = metrics.original_protocol(embeddings, list(speakers), seed=seed)
+    if embeddings is not None:
+        summary["original_protocol"] = metrics.original_protocol(embeddings, list(speakers), seed=seed)
     return summary
 
 
@@ -126,3 +128,15 @@ def guard_against_base(report: dict, systems=("head", "fused"), *, scores: dict 
         else:
             lines.append(f"{name} vs base: EER {100 * delta:+.2f} points{interval}")
     return deltas, lines
+
+
+def as_norm_scores(embeddings: np.ndarray, utterances, trials: pd.DataFrame, cohort: np.ndarray,
+                   top_n: int) -> np.ndarray:
+    """:func:`cosine_scores` normalised by AS-norm (``voiceprint.score_norm``): each utterance's cohort statistics
+    are computed once, then looked up per trial (an utterance takes part in many trials)."""
+    from voiceprint.score_norm import cohort_stats, normalise
+
+    row = pd.Series(np.arange(len(utterances)), index=list(utterances))
+    a, b = row.loc[trials.enroll].to_numpy(), row.loc[trials.test].to_numpy()
+    mean, std = cohort_stats(embeddings, cohort, top_n)
+    return normalise(cosine_scores(embeddings, utterances, trials), (mean[a], std[a]), (mean[b], std[b]))

@@ -296,6 +296,10 @@ def rank_speakers(embedding: np.ndarray, names: list[str], means: np.ndarray, co
     """Cosine of ``embedding`` with each speaker's unit mean (from :meth:`Registry.speaker_means`), best first."""
     probe = np.asarray(embedding, dtype=np.float64).ravel()
     probe /= max(np.linalg.norm(probe), 1e-12)
-    scores = means.astype(np.float64) @ probe
+    return rank_scores(names, means.astype(np.float64) @ probe, counts)
+
+
+def rank_scores(names: list[str], scores: np.ndarray, counts: list[int]) -> list[SpeakerScore]:
+    """Speakers by score (any scoring, e.g. AS-norm), best first; ties by name."""
     order = sorted(range(len(names)), key=lambda i: (-scores[i], names[i]))
     return [SpeakerScore(names[i], float(scores[i]), counts[i]) for i in order]
