@@ -143,8 +143,10 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
 
     eval_set = load_eval_set(source, kind=features["kind"], vad=features["vad"], sample_rate=features["sample_rate"],
                              min_seconds=features["min_seconds"], workers=default_workers(), seed=report_args["seed"])
-    for row in eval_set.rejected.itertuples():
-        print(f"  cross-corpus: left out {row.path}: {row.reason}: {row.message}")
+    if len(eval_set.rejected):     # every file is listed in the stage log by reason, never dropped silently
+        for reason, rows in eval_set.rejected.groupby("reason"):
+            print(f"  cross-corpus: left out {len(rows)} file(s), {reason}: " + ", ".join(rows.path.head(3))
+                  + (", ..." if len(rows) > 3 else ""))
     embeddings = {name: embed_features(model, eval_set.features, window_frames=features["window_frames"],
                                        hop_frames=features["hop_frames"], desc=f"{name} (cross-corpus)")
                   for name, model in models.items() if name != "fused"}
