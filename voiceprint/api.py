@@ -47,7 +47,23 @@ class InputError(ValueError):
 
 
 def default_model_path() -> Path:
-    return Path(os.environ[MODEL_ENV_VAR]) if os.environ.get(MODEL_ENV_VAR) else DEFAULT_MODEL
+    """$VOICEPRINT_MODEL, else models/voiceprint when a pipeline run wrote one here, else the real-speech model
+    shipped with the package (voiceprint.pretrained)."""
+    if os.environ.get(MODEL_ENV_VAR):
+        return Path(os.environ[MODEL_ENV_VAR])
+    if DEFAULT_MODEL.exists():
+        return DEFAULT_MODEL
+    from voiceprint.pretrained import SHIPPED
+
+    return SHIPPED
+
+
+def checked_model_path(model: str | Path | None = None) -> Path:
+    """``model`` (or the default), with the shipped model's files checked against their sha256 first."""
+    from voiceprint.pretrained import SHIPPED, shipped_model
+
+    path = Path(model) if model is not None else default_model_path()
+    return shipped_model(path) if path.resolve() == SHIPPED else path
 
 
 def audio_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -150,8 +166,8 @@ class Recognizer:
     or an already loaded :class:`~voiceprint.bundle.Bundle`; default ``$VOICEPRINT_MODEL`` or models/voiceprint."""
 
     def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None):
-        self.bundle = model if isinstance(model, Bundle) else load_bundle(
-            model if model is not None else default_model_path(), features=features)
+        self.bundle = model if isinstance(model, Bundle) else load_bundle(checked_model_path(model),
+                                                                          features=features)
         from voiceprint.features import featurize_file
 
         self._featurize = featurize_file
@@ -169,6 +185,13 @@ class Recognizer:
     @property
     def model_sha256(self) -> str:
         return self.bundle.model_sha256
+
+    @property
+    def shipped(self) -> dict | None:
+        """The shipped model's description (name, trained_on, not_for, evaluation) when that is the model used."""
+        from voiceprint.pretrained import SHIPPED, describe
+
+        return describe() if Path(self.bundle.path).resolve() == SHIPPED else None
 
     @property
     def score_norm(self) -> str:

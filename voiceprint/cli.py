@@ -48,16 +48,20 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _recognizer(args):
-    from voiceprint.api import Recognizer, default_model_path
+    from voiceprint.api import Recognizer, checked_model_path
     from voiceprint.bundle import require_model
 
-    model = require_model(args.model or default_model_path())   # fail fast, before the slow TensorFlow import
+    model = require_model(checked_model_path(args.model))   # fail fast, before the slow TensorFlow import
     _import_tensorflow_quietly()
     from voiceprint.runtime import configure_tensorflow
 
     configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
     features = {"kind": args.feature_kind} if args.feature_kind else None
-    return Recognizer(model, features=features)
+    rec = Recognizer(model, features=features)
+    if rec.shipped is not None and not getattr(args, "quiet", False):
+        print(f"voiceprint: using the model shipped with the package ({rec.shipped['name']}: "
+              f"{rec.shipped['trained_on']}); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
+    return rec
 
 
 def _progress(args) -> bool:
@@ -73,6 +77,9 @@ def _emit(args, payload: dict, human: str) -> int:
 def _model_info(rec, *, scores: bool = True) -> dict:
     """The model, and for commands that score, how: ``score_norm`` none (cosine) or as_norm."""
     info = {"model": str(rec.bundle.path), "model_sha256": rec.model_sha256}
+    shipped = rec.shipped
+    if shipped is not None:     # say plainly which model answered: the one shipped with the package
+        info.update(model_name=shipped["name"], trained_on=shipped["trained_on"])
     return {**info, "score_norm": rec.score_norm} if scores else info
 
 

@@ -1,0 +1,103 @@
+"""The pretrained real-speech model shipped inside the package, used when no model of the user's own exists.
+
+``voiceprint/pretrained/real-speech/`` is a bundle (voiceprint.bundle) written by the ``evaluate`` stage of the
+``params-real.yaml`` preset, plus ``pretrained.json``: its name, what it was trained on, what it is not good for,
+its evaluation numbers, and the sha256 of every file. :func:`shipped_model` checks those hashes before the model is
+used, so a damaged install fails with a clear "reinstall" message instead of giving wrong scores.
+
+Package a new one (after ``python -m voiceprint.params params-real.yaml | xargs dvc exp run``)::
+
+    python -m voiceprint.pretrained models/voiceprint metrics/eval.json --trained-on "..."
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from voiceprint.bundle import BundleError, file_sha256
+
+SHIPPED = Path(__file__).resolve().parent / "pretrained" / "real-speech"
+MANIFEST = "pretrained.json"
+REINSTALL = "reinstall voiceprint (pip install --force-reinstall <the voiceprint package or checkout>)"
+
+
+class ShippedModelError(BundleError):
+    """The shipped model is missing or damaged; the message says how to reinstall."""
+
+
+def shipped_model(directory: str | Path | None = None) -> Path:
+    """The shipped bundle's directory, after checking every file against ``pretrained.json``."""
+    directory = Path(directory or SHIPPED)
+    manifest_file = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["sha256"]
+    except FileNotFoundError:
+        raise ShippedModelError(f"the model shipped with voiceprint is missing ({manifest_file}); {REINSTALL}") \
+            from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShippedModelError(f"{manifest_file}: damaged ({type(exc).__name__}: {exc}); {REINSTALL}") from None
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ShippedModelError(f"the shipped model's {name} is missing ({path}); {REINSTALL}")
+        if file_sha256(path) != expected:
+            raise ShippedModelError(f"the shipped model's {name} does not match its sha256 ({path}); {REINSTALL}")
+    return directory
+
+
+def describe(directory: str | Path | None = None) -> dict:
+    """``pretrained.json`` of the shipped model (name, trained_on, not_for, evaluation)."""
+    return json.loads((Path(directory or SHIPPED) / MANIFEST).read_text())
+
+
+def package(bundle: str | Path, eval_json: str | Path, out: str | Path, *, name: str, trained_on: str,
+            not_for: str) -> dict:
+    """Copy ``bundle`` to ``out`` with a ``pretrained.json`` holding the provenance, the in-domain and
+    cross-corpus evaluation of the deployed system (from ``eval_json``) and every file's sha256."""
+    bundle, out = Path(bundle), Path(out)
+    report = json.loads(Path(eval_json).read_text())
+    calibration = json.loads((bundle / "calibration.json").read_text())
+    deployed = report["deployed"] + ("_asnorm" if calibration.get("score_norm") == "as_norm" else "")
+    keys = ("eer", "eer_ci95_low", "eer_ci95_high", "min_dcf", "target_trials", "nontarget_trials")
+    evaluation = {"in_domain": {k: report[deployed][k] for k in keys if k in report[deployed]},
+                  "in_domain_mfcc_baseline": report["mfcc_baseline"]["eer"]}
+    cross = report.get("cross_corpus", {})
+    if deployed in cross:
+        evaluation["cross_corpus"] = {k: cross[deployed][k] for k in keys if k in cross[deployed]}
+        evaluation["cross_corpus_mfcc_baseline"] = cross["mfcc_baseline"]["eer"]
+    files = sorted(p.name for p in bundle.iterdir() if p.is_file())
+    manifest = {"name": name, "system": deployed, "trained_on": trained_on, "not_for": not_for,
+                "evaluation": evaluation, "sha256": {f: file_sha256(bundle / f) for f in files}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    for f in files:
+        shutil.copy2(bundle / f, staging / f)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return manifest
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m voiceprint.pretrained",
+                                     description="package a trained bundle as the shipped pretrained model")
+    parser.add_argument("bundle", help="bundle directory written by the evaluate stage (models/voiceprint)")
+    parser.add_argument("eval_json", help="its metrics/eval.json")
+    parser.add_argument("--out", default=None, help=f"default: {SHIPPED}")
+    parser.add_argument("--name", default="real-speech")
+    parser.add_argument("--trained-on", required=True)
+    parser.add_argument("--not-for", default="")
+    args = parser.parse_args(argv)
+    manifest = package(args.bundle, args.eval_json, args.out or SHIPPED, name=args.name, trained_on=args.trained_on,
+                       not_for=args.not_for)
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()
