@@ -80,6 +80,15 @@ def _registry(args, *, create: bool):
     return Registry(args.registry, create=create)
 
 
+def _check_not_directory(*paths) -> None:
+    from voiceprint.api import InputError
+
+    # Checked before any work: an output is replaced whole, and a directory is never ours to replace.
+    for path in paths:
+        if Path(path).is_dir():
+            raise InputError(f"output {path}: is a directory; give a file name")
+
+
 def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
     from voiceprint.api import InputError
 
@@ -88,6 +97,7 @@ def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
     suffix = Path(path).suffix.lower()
     if suffix not in allowed:
         raise InputError(f"output {path}: expected a file ending in {' or '.join(allowed)}")
+    _check_not_directory(path, *([Path(path).with_suffix(".paths.csv")] if suffix == ".npy" else []))
     return suffix
 
 

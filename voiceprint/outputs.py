@@ -22,17 +22,24 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path (file or directory) that replaces ``final`` only if the block succeeds."""
+    """Yield a temporary sibling path (file or directory) that replaces ``final`` only if the block succeeds.
+
+    A directory replaces a directory (stage outputs such as data/features); a file never replaces a directory
+    (IsADirectoryError, nothing removed): ``-o results.npy`` naming a user's folder must not delete it.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
+        final_is_dir = final.is_dir() and not final.is_symlink()
+        if tmp.is_dir() and final_is_dir:
             shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
-            final.unlink()
-        os.replace(tmp, final)
+        elif final_is_dir:
+            raise IsADirectoryError(21, "is a directory; refusing to replace it with a file", str(final))
+        elif tmp.is_dir() and (final.exists() or final.is_symlink()):
+            final.unlink()      # rename() cannot put a directory over a file
+        os.replace(tmp, final)  # a file over a file (or a link) in one step
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
