@@ -320,3 +320,40 @@ def test_downloads_dir_comes_from_the_environment(monkeypatch, tmp_path):
     assert fetch.downloads_dir() == fetch.DEFAULT_DOWNLOADS
     monkeypatch.setenv(fetch.DOWNLOADS_ENV, str(tmp_path))
     assert fetch.downloads_dir() == tmp_path
+
+
+def test_symlink_chain_past_path_max_cannot_escape(tmp_path):
+    """CVE-2025-4517: links nested deeper than PATH_MAX stop os.path.realpath (and so the ``data`` filter) from
+    resolving them; a link then climbs out of the target, and members written through it land outside."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "flag").write_text("outside")     # beside the extraction directory, which is work/.out.extracting-*
+    steps = "abcdefghijklmnop"
+    # As long as fits: the unresolved path stays under PATH_MAX, the resolved one overflows it.
+    dest_len = len(str(work / ".out.extracting-xxxxxxxx")) + 1
+    component = "d" * min(247, (4096 - dest_len) // (len(steps) + 1))
+    members, path = [], ""
+    for step in steps:
+        members += [(f"{path}{component}", "dir", None), (f"{path}{step}", "symlink", component)]
+        path += component + "/"
+    climb = "/".join(steps) + "/" + "l" * 254
+    members += [(climb, "symlink", "/".join([".."] * len(steps))),
+                ("escape", "symlink", climb + "/.."),          # lexically inside, really the target's parent
+                ("flaglink", "hardlink", "escape/flag"), ("flaglink", "file", b"overwritten"),
+                ("escape/newfile", "file", b"new")]
+    archive = make_tar(tmp_path / "chain.tar", members)
+    with pytest.raises(UnsafeArchive, match="nothing was extracted"):
+        fetch.extract_tar(archive, work / "out")
+    assert (work / "flag").read_text() == "outside" and leftovers(work) == ["flag"]
+
+
+@pytest.mark.parametrize("members, why", [
+    ([("top/", "dir", None), ("a", "symlink", "top"), ("a/f", "file", b"x")], "passes through the link 'a'"),
+    ([("top/", "dir", None), ("up", "symlink", "top/../x")], "'..' after a name"),
+    ([("f", "file", b"x"), ("s", "symlink", "f"), ("h", "hardlink", "s")], "not a file extracted earlier"),
+])
+def test_links_are_refused_when_the_tree_could_resolve_them_elsewhere(tmp_path, members, why):
+    archive = make_tar(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(UnsafeArchive, match=why):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["bad.tar.gz"]

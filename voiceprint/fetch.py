@@ -5,7 +5,7 @@ timeouts, connection resets and 5xx answers with exponential backoff (a bounded 
 space before it transfers anything, and renames the file into place only once its md5 is the published one. A
 verified file is recorded in a sidecar ``<name>.verified.json`` (size, mtime, md5), so later runs reuse it without
 hashing gigabytes again. :func:`extract_tar` refuses members that would land outside the target (absolute paths,
-``..``, links pointing outside) and device files or fifos, and renames a temporary directory into place only when
+``..``, links pointing outside, paths through links) and device files or fifos, and renames a temporary directory into place only when
 everything is extracted.
 """
 from __future__ import annotations
@@ -275,8 +275,8 @@ class _Transfer:
 def extract_tar(archive: str | Path, dest: str | Path, *, progress: bool = False) -> int:
     """Extract a (compressed) tar into the new directory ``dest``; return the number of regular files.
 
-    Every member is checked before it is written (absolute paths, ``..``, links leaving ``dest``, device files
-    and fifos are refused with an error naming the member), then extracted with tarfile's ``data`` filter as a
+    Every member is checked before it is written (absolute paths, ``..``, links leaving ``dest``, paths through
+    links, device files and fifos are refused with an error naming the member), then extracted with tarfile's ``data`` filter as a
     second line of defence. Extraction goes to a temporary sibling renamed to ``dest`` only when complete.
     """
     archive, dest = Path(archive), Path(dest)
@@ -289,8 +289,9 @@ def extract_tar(archive: str | Path, dest: str | Path, *, progress: bool = False
         # Stream mode: one pass over the compressed data (random access would decompress it twice).
         with tarfile.open(archive, "r|*") as tar, tqdm(desc=f"extract {archive.name}", unit=" files",
                                                        disable=not progress) as bar:
+            seen = _Seen()
             for member in tar:
-                _check_member(archive, member)
+                _check_member(archive, member, seen)
                 try:
                     tar.extract(member, work, filter="data")
                 except tarfile.FilterError as exc:
@@ -306,7 +307,23 @@ def extract_tar(archive: str | Path, dest: str | Path, *, progress: bool = False
     return files
 
 
-def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+class _Seen:
+    """What earlier members made: symlinks (whose meaning the OS resolves) and regular files (by path parts)."""
+
+    def __init__(self):
+        self.links: set[tuple[str, ...]] = set()
+        self.files: set[tuple[str, ...]] = set()
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo, seen: _Seen) -> None:
+    """Refuse a member unless where it lands, and where any link it makes resolves, follows from names alone.
+
+    Lexical checks alone are not enough: a path through an extracted symlink, or '..' after a symlink in a link
+    target, resolves on disk somewhere else than its text says, and chains of links nested past PATH_MAX defeat
+    os.path.realpath and with it the ``data`` filter (CVE-2025-4517). So a member may not pass through an earlier
+    link, '..' may only open a symlink target, and a hard link must name a file extracted earlier. Under these
+    rules every link resolves inside the target by induction, whatever the Python version.
+    """
     def refused(why: str) -> UnsafeArchive:
         return UnsafeArchive(f"{archive}: member {member.name!r} refused: {why}; nothing was extracted")
 
@@ -315,14 +332,33 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
         raise refused("absolute path")
     if ".." in path.parts:
         raise refused("'..' in its path")
-    if member.issym() or member.islnk():
+    parts = path.parts
+    through = next((parts[:i] for i in range(1, len(parts) + 1) if parts[:i] in seen.links), None)
+    if through is not None:
+        raise refused(f"its path passes through the link {'/'.join(through)!r} extracted earlier")
+    if member.issym():
         if PurePosixPath(member.linkname).is_absolute():
             raise refused(f"link to the absolute path {member.linkname!r}")
-        # A symlink resolves from its own directory, a hard link from the archive root.
-        base = path.parent if member.issym() else PurePosixPath()
-        if posixpath.normpath(base / member.linkname).split("/")[0] == "..":
+        target = [p for p in member.linkname.split("/") if p not in ("", ".")]
+        if ".." in target[next((i for i, p in enumerate(target) if p != ".."), len(target)):]:
+            raise refused(f"link to {member.linkname!r} has '..' after a name (resolved on disk, not as written)")
+        # A symlink resolves from its own directory.
+        if posixpath.normpath(path.parent / member.linkname).split("/")[0] == "..":
             raise refused(f"link to {member.linkname!r} points outside the target directory")
+        seen.links.add(parts)
+        seen.files.discard(parts)
+    elif member.islnk():
+        # A hard link resolves from the archive root, and the OS follows a symlink at its end.
+        if PurePosixPath(member.linkname).is_absolute():
+            raise refused(f"link to the absolute path {member.linkname!r}")
+        if posixpath.normpath(member.linkname).split("/")[0] == "..":
+            raise refused(f"link to {member.linkname!r} points outside the target directory")
+        if PurePosixPath(member.linkname).parts not in seen.files:
+            raise refused(f"hard link to {member.linkname!r}, which is not a file extracted earlier")
+        seen.files.add(parts)
     elif member.ischr() or member.isblk() or member.isfifo():
         raise refused("device file or fifo")
-    elif not (member.isfile() or member.isdir()):
+    elif member.isfile():
+        seen.files.add(parts)
+    elif not member.isdir():
         raise refused(f"unsupported member type {member.type!r}")
