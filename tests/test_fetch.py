@@ -20,8 +20,10 @@ from voiceprint.fetch import ChecksumMismatch, FetchError, NotEnoughSpace, Unsaf
 class FileServer:
     """Serves ``files`` (URL path -> bytes) with HTTP Range support; ``script[path]`` lists what the next
     requests for that path get instead of a normal answer: an HTTP status (int), ``("cut", n)`` (full headers,
-    then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything) or ``("stall", s)``
-    (no answer for s seconds). ``requests`` records (path, Range header) of every request."""
+    then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything), ``("cut_ignoring_range",
+    n)`` (both), ``("overlong", n)`` (200 with everything, Content-Length n bytes too large), ``("content_range",
+    value)`` (206 from the asked offset, with this Content-Range header) or ``("stall", s)`` (no answer for s
+    seconds). ``requests`` records (path, Range header) of every request."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
@@ -43,19 +45,22 @@ class FileServer:
                 if self.path not in server.files:
                     return self.send_error(404)
                 data = server.files[self.path]
-                start = int(rng[len("bytes="):].rstrip("-")) if rng and action != "ignore_range" else 0
-                if start >= len(data) and rng and action != "ignore_range":
+                kind = action[0] if isinstance(action, tuple) else action
+                ignore_range = kind in ("ignore_range", "cut_ignoring_range", "overlong")
+                start = int(rng[len("bytes="):].rstrip("-")) if rng and not ignore_range else 0
+                if start >= len(data) and rng and not ignore_range:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
                 self.send_response(206 if start else 200)
                 if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
+                    self.send_header("Content-Range", action[1] if kind == "content_range"
+                                     else f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start + (action[1] if kind == "overlong" else 0)))
                 self.end_headers()
                 body = data[start:]
-                if isinstance(action, tuple) and action[0] == "cut":
+                if kind in ("cut", "cut_ignoring_range"):
                     body = body[:action[1]]
                 self.wfile.write(body)
 
@@ -190,6 +195,16 @@ def test_retries_are_bounded_and_progress_resets_the_count(server, tmp_path):
                               f"Unavailable; the partial download {part} (1000 bytes) is kept and the next run "
                               "resumes it")
     assert len(server.requests) == 4 and part.stat().st_size == 1000
+
+
+@pytest.mark.parametrize("action", [("cut_ignoring_range", 1000), ("overlong", 100)])
+def test_retries_are_bounded_when_the_file_restarts_without_growing(server, tmp_path, action):
+    # Each attempt receives bytes, but the part file starts over and never gets past its best length before.
+    url = serve_payload(server)
+    server.script["/a.bin"] = [action] * 20
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts without progress"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
+    assert len(server.requests) == 4
 
 
 @pytest.mark.parametrize("status", [404, 403])

@@ -122,8 +122,9 @@ def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = No
     """Download ``url`` to ``dest`` unless a verified copy is already there; return what was done.
 
     ``size_hint`` (bytes) is used for the disk check when the server sends no length; ``also_needed`` adds what
-    must fit afterwards (room to extract). ``retries`` bounds the consecutive attempts that brought no new bytes;
-    an attempt that advanced the download resets the count, so a long transfer over a flaky line keeps going.
+    must fit afterwards (room to extract). ``retries`` bounds the consecutive attempts that did not make the part
+    file longer than it has ever been; one that did resets the count, so a long transfer over a flaky line keeps
+    going, while a server that restarts the file and cuts it at the same byte every time is given up on.
     Waits grow as ``backoff * 2**k`` seconds, at most ``max_backoff``.
     """
     dest = Path(dest)
@@ -141,13 +142,17 @@ def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = No
     transfer = _Transfer(url, part, size_hint=size_hint, also_needed=also_needed, timeout=timeout,
                          progress=progress)
     failures = 0
+    best = part.stat().st_size if part.exists() else 0
     while True:
-        received_before = transfer.received
         try:
             transfer.attempt()
             break
         except _Retry as exc:
-            failures = 0 if transfer.received > received_before else failures + 1
+            # Progress is the longest part file so far, not bytes received: bytes that rewrite a restarted file
+            # from zero (a server ignoring Range) do not bring the end closer.
+            size = part.stat().st_size if part.exists() else 0
+            failures = 0 if size > best else failures + 1
+            best = max(best, size)
             if failures > retries:
                 kept = (f"; the partial download {part} ({part.stat().st_size} bytes) is kept and the next run "
                         "resumes it" if part.exists() else "")
