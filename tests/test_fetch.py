@@ -22,7 +22,7 @@ class FileServer:
     requests for that path get instead of a normal answer: an HTTP status (int), ``("cut", n)`` (full headers,
     then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything), ``("cut_ignoring_range",
     n)`` (both), ``("overlong", n)`` (200 with everything, Content-Length n bytes too large), ``("content_range",
-    value)`` (206 from the asked offset, with this Content-Range header) or ``("stall", s)`` (no answer for s
+    value)`` (206 from the asked offset, even 0, with this Content-Range header) or ``("stall", s)`` (no answer for s
     seconds). ``requests`` records (path, Range header) of every request."""
 
     def __init__(self):
@@ -53,8 +53,8 @@ class FileServer:
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
-                self.send_response(206 if start else 200)
-                if start:
+                self.send_response(206 if start or kind == "content_range" else 200)
+                if start or kind == "content_range":
                     self.send_header("Content-Range", action[1] if kind == "content_range"
                                      else f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(data) - start + (action[1] if kind == "overlong" else 0)))
@@ -205,6 +205,23 @@ def test_retries_are_bounded_when_the_file_restarts_without_growing(server, tmp_
     with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts without progress"):
         fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
     assert len(server.requests) == 4
+
+
+def test_206_with_the_wrong_content_range_restarts_cleanly(server, tmp_path, capsys):
+    url = serve_payload(server)
+    server.script["/a.bin"] = [("content_range", "bytes 5-299999/300000")]    # to a request without Range
+    fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, **FAST)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD and len(server.requests) == 2
+    assert "Content-Range 'bytes 5-299999/300000'" in capsys.readouterr().err
+
+
+def test_206_with_the_wrong_content_range_every_time_fails_naming_the_url(server, tmp_path):
+    url = serve_payload(server)
+    fetch.part_path(tmp_path / "a.bin").write_bytes(PAYLOAD[:1000])
+    server.script["/a.bin"] = [("content_range", "bytes 0-9/10")] * 10
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts .*Content-Range 'bytes 0-9/10'"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
+    assert len(server.requests) == 3
 
 
 @pytest.mark.parametrize("status", [404, 403])

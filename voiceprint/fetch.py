@@ -193,13 +193,13 @@ def _record_verified(dest: Path, md5: str) -> None:
     write_text(_sidecar(dest), json.dumps(_stamp(dest, md5), sort_keys=True) + "\n")
 
 
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000); unknown parts -> None."""
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """'bytes 100-199/1000' -> (100, 199, 1000); 'bytes */1000' -> (None, None, 1000); unknown parts -> None."""
     if not value or not value.startswith("bytes "):
-        return None, None
+        return None, None, None
     span, _, total = value[6:].partition("/")
-    start = span.partition("-")[0]
-    return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
+    start, _, end = span.partition("-")
+    return tuple(int(v) if v.isdigit() else None for v in (start, end, total))
 
 
 class _Transfer:
@@ -223,7 +223,7 @@ class _Transfer:
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416 and offset:
-                if _content_range(exc.headers.get("Content-Range"))[1] == offset:
+                if _content_range(exc.headers.get("Content-Range"))[2] == offset:
                     return      # the part file is already complete
                 self.part.unlink()
                 raise _Retry(f"HTTP 416 for bytes {offset}- (partial file longer than the archive); "
@@ -243,11 +243,15 @@ class _Transfer:
 
     def _receive(self, response, offset: int) -> None:
         if response.status == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                self.part.unlink()
-                raise _Retry(f"asked for bytes {offset}-, the server sent Content-Range "
-                             f"{response.headers.get('Content-Range')!r}; restarting from the beginning")
+            value, length = response.headers.get("Content-Range"), response.headers.get("Content-Length")
+            start, end, total = _content_range(value)
+            # The rest of the file from our offset, as one span that agrees with the body's length; anything else
+            # is a protocol error, and appending it would corrupt the part file (or find none to remove).
+            if (start != offset or end is None or total not in (None, end + 1)
+                    or (length is not None and length != str(end - start + 1))):
+                self.part.unlink(missing_ok=True)
+                raise _Retry(f"asked for bytes {offset}-, the server sent HTTP 206 with Content-Range {value!r}"
+                             f" and Content-Length {length!r}; restarting from the beginning")
             mode = "ab"
         elif response.status == 200:
             # No Range asked, or the server ignores Range and sends everything: start the part file over.
