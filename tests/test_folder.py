@@ -131,6 +131,24 @@ def test_scan_speaker_folders_lists_every_file_with_a_reason(tmp_path, monkeypat
     assert rejected.set_index("path").loc[str(root / "bob" / "notes.txt")].speaker == "bob"
 
 
+def test_non_utf8_file_names_are_listed_with_escapes_not_fatal(tmp_path):
+    ok = _tone(tmp_path / "spk" / "ok.wav")
+    bad = os.fsencode(tmp_path / "spk") + b"/caf\xe9.wav"            # Latin-1 on a UTF-8 system
+    with open(bad, "wb") as fh:
+        fh.write(_tone(tmp_path / "other.wav", freq=300).read_bytes())
+    os.remove(tmp_path / "other.wav")
+    os.mkdir(os.fsencode(tmp_path) + b"/sp\xffk")                     # a speaker folder with such a name
+    with open(os.fsencode(tmp_path) + b"/sp\xffk/u.wav", "wb") as fh:
+        fh.write(b"RIFF")
+    manifest, rejected = scan(tmp_path)
+    assert list(manifest.path) == [str(ok)]
+    assert _reasons(rejected) == {f"{tmp_path}/spk/caf\\xe9.wav": "bad_filename",
+                                  f"{tmp_path}/sp\\xffk/u.wav": "bad_filename"}
+    assert "not valid UTF-8" in rejected.message[0] and "bad_filename" in REJECT_REASONS
+    rejected.to_csv(tmp_path / "rejected.csv", index=False)           # what failed the download stage
+    assert "caf\\xe9.wav,spk,bad_filename" in (tmp_path / "rejected.csv").read_text(encoding="utf-8")
+
+
 def test_changed_file_changes_the_manifest(tmp_path):
     path = _tone(tmp_path / "spk" / "u.wav")
     before, _ = scan(tmp_path)

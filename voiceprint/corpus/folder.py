@@ -43,6 +43,7 @@ REJECT_REASONS = {
     "no_speaker": "audio outside any speaker folder",
     "empty": "contains no samples",
     "unreadable": "header cannot be decoded",
+    "bad_filename": "path is not valid UTF-8 (listed with \\x escapes); rename it to include it",
 }
 LIBRISPEECH_SUBSET = re.compile(r"^(dev|test|train)-(clean|other)(-\d+)?$")
 
@@ -79,7 +80,7 @@ def scan(source: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     _assign_utterance_ids(kept)
     manifest = pd.DataFrame(kept, columns=FOLDER_MANIFEST_COLUMNS + ["_key", "_fallback_key"])
     manifest = manifest[FOLDER_MANIFEST_COLUMNS].sort_values(["path", "speaker"], ignore_index=True)
-    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS).map(_printable)
     rejected_frame = rejected_frame.sort_values(["path", "reason", "speaker"], ignore_index=True)
     return manifest, rejected_frame
 
@@ -122,6 +123,12 @@ def _scan_tree(source: Path) -> tuple[list[dict], list[dict]]:
     candidates, rejected = [], []
     for rel in _walk(source, rejected):
         path = str(source / rel)
+        if _printable(path) != path:
+            # Names the OS gave as bytes that are not UTF-8: the manifest (a UTF-8 CSV) cannot hold them.
+            speaker = _printable(rel.parts[0]) if len(rel.parts) >= 2 else ""
+            rejected.append(dict(path=path, speaker=speaker, reason="bad_filename",
+                                 message=f"{_printable(path)}: {REJECT_REASONS['bad_filename']}"))
+            continue
         if libri is not None:
             parts = (source / rel).relative_to(libri).parts if (source / rel).is_relative_to(libri) else ()
             in_place = len(parts) == 4 and LIBRISPEECH_SUBSET.match(parts[0]) is not None
@@ -187,6 +194,13 @@ def _scan_csv(csv_path: Path) -> tuple[list[dict], list[dict]]:
 
 
 # --- per file -----------------------------------------------------------------------------------------------
+
+
+def _printable(text):
+    """A name as decoded by the OS (undecodable bytes as surrogates) -> valid UTF-8 text, bytes as \\xNN."""
+    if not isinstance(text, str):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _not_audio(path: str) -> str:
