@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from tests.conftest import REPO
 from voiceprint.corpus import MANIFEST_COLUMNS
 from voiceprint.corpus import folder as folder_module
 from voiceprint.corpus.folder import FOLDER_MANIFEST_COLUMNS, REJECT_REASONS, REJECTED_COLUMNS, scan
@@ -147,6 +151,20 @@ def test_non_utf8_file_names_are_listed_with_escapes_not_fatal(tmp_path):
     assert "not valid UTF-8" in rejected.message[0] and "bad_filename" in REJECT_REASONS
     rejected.to_csv(tmp_path / "rejected.csv", index=False)           # what failed the download stage
     assert "caf\\xe9.wav,spk,bad_filename" in (tmp_path / "rejected.csv").read_text(encoding="utf-8")
+
+
+def test_fifo_and_link_to_a_device_are_rejected_without_hanging(tmp_path):
+    _tone(tmp_path / "spk" / "ok.wav")
+    os.mkfifo(tmp_path / "spk" / "pipe.wav")              # open() would wait for a writer forever
+    os.symlink("/dev/zero", tmp_path / "spk" / "zero.wav")  # reading would never end
+    code = ("import json, sys; from voiceprint.corpus.folder import scan; "
+            "print(json.dumps(dict(zip(*scan(sys.argv[1])[1][['path', 'reason']].values.T))))")
+    # A subprocess with a timeout: the bug is a hang, and a hung test must still end.
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {str(tmp_path / "spk" / "pipe.wav"): "not_a_file",
+                                       str(tmp_path / "spk" / "zero.wav"): "not_a_file"}
 
 
 def test_changed_file_changes_the_manifest(tmp_path):

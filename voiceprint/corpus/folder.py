@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,7 @@ REJECT_REASONS = {
     "no_speaker": "audio outside any speaker folder",
     "empty": "contains no samples",
     "unreadable": "header cannot be decoded",
+    "not_a_file": "a fifo, device or socket (or a link to one), not a regular file",
     "bad_filename": "path is not valid UTF-8 (listed with \\x escapes); rename it to include it",
 }
 LIBRISPEECH_SUBSET = re.compile(r"^(dev|test|train)-(clean|other)(-\d+)?$")
@@ -212,6 +214,9 @@ def _probe(item: dict) -> tuple[str, str] | None:
     """Fill sha1, bytes, duration, sample_rate of ``item`` from the file; (reason, message) if it is unusable."""
     path = item["path"]
     try:
+        # Before opening: a fifo blocks open() until a writer comes, /dev/zero never ends; either hangs the scan.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not_a_file", f"{path}: {REJECT_REASONS['not_a_file']}"
         digest = hashlib.sha1()
         size = 0
         with open(path, "rb") as fh:
