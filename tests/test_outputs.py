@@ -49,3 +49,18 @@ def test_cli_refuses_a_directory_as_output_with_exit_2(tmp_path, capsys, argv, t
     out, err = capsys.readouterr()
     assert code == 2 and f"{tmp_path / target}: is a directory" in err
     assert (tmp_path / target / "sub" / "f").read_text() == "precious"
+
+
+def test_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f".out.txt.{dead}.abcd1234", f".out.txt.{os.getpid()}.efgh5678", f".out.txt.json.{dead}.abcd1234",
+                 f".other.{dead}.abcd1234"):
+        (tmp_path / name).mkdir()
+    write_text(tmp_path / "out.txt", "x")
+    assert _tree(tmp_path) == sorted([f".other.{dead}.abcd1234", f".out.txt.json.{dead}.abcd1234",
+                                      f".out.txt.{os.getpid()}.efgh5678", "out.txt"])

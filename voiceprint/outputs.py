@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import zipfile
@@ -29,7 +30,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    _remove_stale_temps(final)
+    # The pid in the name tells a later run whether the writer still runs.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent)) / final.name
     try:
         yield tmp
         final_is_dir = final.is_dir() and not final.is_symlink()
@@ -42,6 +45,26 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)  # a file over a file (or a link) in one step
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Remove temporaries of ``final`` whose writer is gone: a process killed mid-write (kill -9, the OOM killer)
+    never reaches the clean-up in atomic_path, and its data/.features.* would stay forever."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.[a-z0-9_]{{8}}")
+    for stale in final.parent.iterdir():
+        match = pattern.fullmatch(stale.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:
