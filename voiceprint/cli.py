@@ -113,11 +113,13 @@ def cmd_embed(args) -> int:
     suffix = _output_suffix(args.output, (".npy", ".csv"))
     if suffix is None and not args.json:
         raise InputError("embed: give -o OUT.npy or -o OUT.csv (or --json to print the embeddings)")
-    paths = audio_files(args.inputs)
+    skipped = []
+    paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
     emb = rec.embed_files(paths, progress=_progress(args))
     names = [str(p) for p in paths]
-    payload = {**_model_info(rec), "files": len(names), "embedding_dim": int(emb.shape[1])}
+    payload = {**_model_info(rec), "files": len(names), "embedding_dim": int(emb.shape[1]),
+               "skipped": [str(p) for p in skipped]}
     if suffix is None:
         payload["embeddings"] = [{"path": n, "embedding": e.tolist()} for n, e in zip(names, emb)]
         return _emit(args, payload, "")
@@ -179,13 +181,15 @@ def cmd_enroll(args) -> int:
     from voiceprint.registry import check_speaker_name
 
     name = check_speaker_name(args.name)   # fail before loading the model
-    paths = audio_files(args.files)
+    skipped = []
+    paths = audio_files(args.files, skipped=skipped)
     rec = _recognizer(args)
     with _registry(args, create=True) as reg:
         result = rec.enroll(reg, name, paths, progress=_progress(args))
         where = str(reg.path)
     return _emit(args, {**_model_info(rec), "registry": where, "speaker": result.speaker, "added": result.added,
-                        "already_enrolled": result.already_enrolled, "enrollments": result.enrollments},
+                        "already_enrolled": result.already_enrolled, "enrollments": result.enrollments,
+                        "skipped": [str(p) for p in skipped]},
                  f"enrolled {result.speaker}: {result.added} new recording(s), {result.already_enrolled} already "
                  f"enrolled, {result.enrollments} in total (registry {where})")
 
@@ -243,7 +247,8 @@ def cmd_cluster(args) -> int:
     _output_suffix(args.output, (".csv",))
     if args.speakers is not None and args.threshold is not None:
         raise InputError("cluster: give --speakers or --threshold, not both")
-    paths = audio_files(args.inputs)
+    skipped = []
+    paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
     name, value = (None, None) if args.speakers is not None else rec.threshold(args.threshold or "eer")
     labels = rec.cluster(paths, threshold=args.threshold or "eer", num_speakers=args.speakers,
@@ -251,7 +256,7 @@ def cmd_cluster(args) -> int:
     table = pd.DataFrame({"path": [str(p) for p in paths], "speaker": labels})
     groups = int(labels.max())
     payload = {**_model_info(rec), "threshold": value, "threshold_name": name, "speakers": groups,
-               "files": table.to_dict(orient="records")}
+               "files": table.to_dict(orient="records"), "skipped": [str(p) for p in skipped]}
     if args.output:
         write_csv(args.output, table)
         payload["output"] = str(args.output)
