@@ -22,8 +22,8 @@ class FileServer:
     requests for that path get instead of a normal answer: an HTTP status (int), ``("cut", n)`` (full headers,
     then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything), ``("cut_ignoring_range",
     n)`` (both), ``("overlong", n)`` (200 with everything, Content-Length n bytes too large), ``("content_range",
-    value)`` (206 from the asked offset, even 0, with this Content-Range header) or ``("stall", s)`` (no answer for s
-    seconds). ``requests`` records (path, Range header) of every request."""
+    value)`` (206 from the asked offset, even 0, with this Content-Range header), ``("trickle", s)`` (one byte every
+    s seconds) or ``("stall", s)`` (no answer for s seconds). ``requests`` records (path, Range header) of every request."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
@@ -62,6 +62,11 @@ class FileServer:
                 body = data[start:]
                 if kind in ("cut", "cut_ignoring_range"):
                     body = body[:action[1]]
+                if kind == "trickle":
+                    for i in range(len(body)):     # until the client hangs up (a write then fails)
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(action[1])
                 self.wfile.write(body)
 
             def log_message(self, *args):
@@ -222,6 +227,18 @@ def test_206_with_the_wrong_content_range_every_time_fails_naming_the_url(server
     with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts .*Content-Range 'bytes 0-9/10'"):
         fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
     assert len(server.requests) == 3
+
+
+def test_a_trickling_server_is_given_up_on(server, tmp_path, capsys):
+    # Each byte comes well within the socket timeout, so only a minimum rate can tell the line is useless.
+    url = serve_payload(server)
+    server.script["/a.bin"] = [("trickle", 0.02)] * 5
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 2 attempts without progress; last error: "
+                                         r"under 1000 bytes/s for [0-9.]+ s"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=1, min_rate=1000, rate_window=0.3,
+                       **FAST)
+    assert time.monotonic() - started < 5 and len(server.requests) == 2
 
 
 @pytest.mark.parametrize("status", [404, 403])

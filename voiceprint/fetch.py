@@ -65,6 +65,10 @@ class _Retry(Exception):
     """A transient failure of one attempt (timeout, reset, 5xx, cut connection): worth another try."""
 
 
+class _TooSlow(_Retry):
+    """An attempt below the minimum rate: retried, but never counted as progress, whatever it added."""
+
+
 @dataclass(frozen=True)
 class Fetched:
     path: Path
@@ -118,14 +122,17 @@ def check_free_space(needs: Iterable[SpaceNeed]) -> None:
 
 def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = None,
              also_needed: Sequence[SpaceNeed] = (), retries: int = 5, backoff: float = 2.0,
-             max_backoff: float = 60.0, timeout: float = 60.0, progress: bool = True) -> Fetched:
+             max_backoff: float = 60.0, timeout: float = 60.0, min_rate: float = 1024.0, rate_window: float = 60.0,
+             progress: bool = True) -> Fetched:
     """Download ``url`` to ``dest`` unless a verified copy is already there; return what was done.
 
     ``size_hint`` (bytes) is used for the disk check when the server sends no length; ``also_needed`` adds what
     must fit afterwards (room to extract). ``retries`` bounds the consecutive attempts that did not make the part
     file longer than it has ever been; one that did resets the count, so a long transfer over a flaky line keeps
     going, while a server that restarts the file and cuts it at the same byte every time is given up on.
-    Waits grow as ``backoff * 2**k`` seconds, at most ``max_backoff``.
+    Waits grow as ``backoff * 2**k`` seconds, at most ``max_backoff``. ``timeout`` bounds each wait for bytes;
+    an attempt that receives under ``min_rate`` bytes/s over ``rate_window`` seconds (a trickle that never trips
+    the timeout) is cut and counts as a retry without progress.
     """
     dest = Path(dest)
     md5 = md5.lower()
@@ -140,7 +147,7 @@ def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = No
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
     transfer = _Transfer(url, part, size_hint=size_hint, also_needed=also_needed, timeout=timeout,
-                         progress=progress)
+                         min_rate=min_rate, rate_window=rate_window, progress=progress)
     failures = 0
     best = part.stat().st_size if part.exists() else 0
     while True:
@@ -151,7 +158,7 @@ def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = No
             # Progress is the longest part file so far, not bytes received: bytes that rewrite a restarted file
             # from zero (a server ignoring Range) do not bring the end closer.
             size = part.stat().st_size if part.exists() else 0
-            failures = 0 if size > best else failures + 1
+            failures = 0 if size > best and not isinstance(exc, _TooSlow) else failures + 1
             best = max(best, size)
             if failures > retries:
                 kept = (f"; the partial download {part} ({part.stat().st_size} bytes) is kept and the next run "
@@ -205,10 +212,11 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
 class _Transfer:
     """One file's download into its .part file; :meth:`attempt` is one HTTP request."""
 
-    def __init__(self, url: str, part: Path, *, size_hint, also_needed, timeout, progress):
+    def __init__(self, url: str, part: Path, *, size_hint, also_needed, timeout, min_rate, rate_window, progress):
         self.url, self.part, self.size_hint = url, part, size_hint
         self.name = part.name[:-len(PART_SUFFIX)]
         self.also_needed, self.timeout, self.progress = list(also_needed), timeout, progress
+        self.min_rate, self.rate_window = min_rate, rate_window
         self.received = 0       # bytes received over all attempts
 
     def attempt(self) -> None:
@@ -265,9 +273,12 @@ class _Transfer:
         with open(self.part, mode) as out, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                                  unit_divisor=1024, desc=self.name,
                                                  disable=not self.progress) as bar:
+            window_start, window_bytes = time.monotonic(), 0
             while True:
                 try:
-                    chunk = response.read(CHUNK_BYTES)
+                    # read1: what has arrived (read would wait for a whole chunk), so the rate is checked and
+                    # progress shown from the first bytes on.
+                    chunk = response.read1(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Retry(f"{type(exc).__name__}: {exc}") from None
                 if not chunk:
@@ -275,6 +286,13 @@ class _Transfer:
                 out.write(chunk)
                 self.received += len(chunk)
                 bar.update(len(chunk))
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= self.rate_window:
+                    if window_bytes < self.min_rate * elapsed:
+                        raise _TooSlow(f"under {self.min_rate:.0f} bytes/s for {elapsed:.1f} s ({window_bytes} "
+                                       "bytes); too slow")
+                    window_start, window_bytes = time.monotonic(), 0
         size = self.part.stat().st_size
         # http.client returns b"" when the connection closes early, so the length is checked here.
         if total is not None and size != total:
