@@ -348,6 +348,23 @@ def test_unsafe_members_are_refused_and_nothing_is_written(tmp_path, member, why
     assert leftovers(tmp_path) == ["work"]
 
 
+def test_decompression_bomb_is_refused_unless_pinned(tmp_path):
+    archive = make_tar(tmp_path / "bomb.tar.gz", [("top/zeros", "file", bytes(5_000_000))])   # ~5 KB packed
+    with pytest.raises(UnsafeArchive, match=r"member 'top/zeros' refused: the archive would expand to over 100 "
+                                            r"times its size"):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["bomb.tar.gz"]
+    assert fetch.extract_tar(archive, tmp_path / "out", max_ratio=None) == 1     # an md5-pinned archive
+
+
+def test_extraction_checks_disk_space_member_by_member(tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "good.tar.gz", GOOD + [("top/big", "file", PAYLOAD)])
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100_000, 100_000))
+    with pytest.raises(NotEnoughSpace, match=r"not enough disk space: .*extracting top/big"):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["good.tar.gz"]
+
+
 def test_damaged_archive_is_a_clear_error(tmp_path):
     archive = make_tar(tmp_path / "good.tar.gz", GOOD + [("top/big", "file", PAYLOAD)])
     data = archive.read_bytes()

@@ -299,12 +299,15 @@ class _Transfer:
             raise _Retry(f"connection closed after {size} of {total} bytes")
 
 
-def extract_tar(archive: str | Path, dest: str | Path, *, progress: bool = False) -> int:
+def extract_tar(archive: str | Path, dest: str | Path, *, max_ratio: float | None = 100.0,
+                progress: bool = False) -> int:
     """Extract a (compressed) tar into the new directory ``dest``; return the number of regular files.
 
     Every member is checked before it is written (absolute paths, ``..``, links leaving ``dest``, paths through
-    links, device files and fifos are refused with an error naming the member), then extracted with tarfile's ``data`` filter as a
-    second line of defence. Extraction goes to a temporary sibling renamed to ``dest`` only when complete.
+    links, device files and fifos are refused with an error naming the member), then extracted with tarfile's
+    ``data`` filter as a second line of defence. Extraction goes to a temporary sibling renamed to ``dest`` only
+    when complete. Each file's declared size must fit on the disk, and all of them together at most ``max_ratio``
+    times the archive's size (a decompression bomb); ``None`` for an md5-pinned archive, whose size is known.
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
@@ -316,9 +319,16 @@ def extract_tar(archive: str | Path, dest: str | Path, *, progress: bool = False
         # Stream mode: one pass over the compressed data (random access would decompress it twice).
         with tarfile.open(archive, "r|*") as tar, tqdm(desc=f"extract {archive.name}", unit=" files",
                                                        disable=not progress) as bar:
-            seen = _Seen()
+            seen, limit, total = _Seen(), max_ratio and max_ratio * archive.stat().st_size, 0
             for member in tar:
                 _check_member(archive, member, seen)
+                total += member.size if member.isfile() else 0
+                if limit and total > limit:
+                    raise UnsafeArchive(f"{archive}: member {member.name!r} refused: the archive would expand to "
+                                        f"over {max_ratio:g} times its size (a decompression bomb?); nothing was "
+                                        "extracted")
+                if member.isfile():
+                    check_free_space([(work, member.size, f"extracting {member.name}")])
                 try:
                     tar.extract(member, work, filter="data")
                 except tarfile.FilterError as exc:
