@@ -48,9 +48,14 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _recognizer(args):
-    from voiceprint.api import Recognizer, default_model_path
+    from voiceprint.api import InputError, Recognizer, default_model_path
     from voiceprint.bundle import require_model
+    from voiceprint.runtime import env_count
 
+    try:
+        env_count("VOICEPRINT_THREADS")     # a usage error, before TensorFlow could abort on it
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     model = require_model(args.model or default_model_path())   # fail fast, before the slow TensorFlow import
     _import_tensorflow_quietly()
     from voiceprint.runtime import configure_tensorflow
@@ -268,6 +273,16 @@ def cmd_cluster(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the JSON error document that --json promises (argparse itself only prints usage)."""
+    json_errors = False
+
+    def error(self, message):
+        if _Parser.json_errors:
+            print(json.dumps({"error": {"kind": "usage", "message": message, "exit_code": EXIT_USAGE}}))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import voiceprint
 
@@ -284,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--registry", help="SQLite registry file (default: $VOICEPRINT_REGISTRY, else "
                                              "~/.local/share/voiceprint/registry.sqlite)")
 
-    parser = argparse.ArgumentParser(prog="voiceprint", description="Speaker recognition with a trained "
+    parser = _Parser(prog="voiceprint", description="Speaker recognition with a trained "
                                      "voiceprint model bundle. Exit codes: 0 ok, 1 unexpected error, 2 usage, "
                                      "3 model, 4 bad audio, 5 registry.")
     parser.add_argument("--version", action="version", version=f"voiceprint {voiceprint.__version__}")
@@ -349,6 +364,7 @@ def _error_kinds():
 
 
 def main(argv=None) -> int:
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     kinds = _error_kinds()
     try:
@@ -362,6 +378,8 @@ def main(argv=None) -> int:
         return code
     except KeyboardInterrupt:
         print(f"voiceprint {args.command}: interrupted", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"kind": "interrupted", "message": "interrupted", "exit_code": 130}}))
         return 130
 
 
