@@ -177,6 +177,26 @@ def test_audio_files_expands_directories(corpus, tmp_path):
     assert info.value.reason == "missing"
 
 
+def test_audio_files_takes_every_decodable_type_and_follows_links_once(tmp_path):
+    import os
+
+    from voiceprint.audio import AUDIO_EXTENSIONS
+
+    top, other = tmp_path / "top", tmp_path / "other"
+    top.mkdir(), other.mkdir()
+    names = sorted(f"f{ext}" for ext in AUDIO_EXTENSIONS) + ["LOUD.WAVE", "notes.txt"]
+    for name in names:
+        (top / name).write_bytes(b"x")          # listing only: nothing is decoded here
+    (other / "a.caf").write_bytes(b"x")
+    os.symlink(other, top / "linked")           # a linked folder is followed
+    os.symlink(top, top / "loop")               # a link back is not followed again
+    skipped = []
+    found = api.audio_files([top], skipped=skipped)
+    expected = [top / n for n in names if n != "notes.txt"] + [top / "linked" / "a.caf"]
+    assert sorted(found) == sorted(expected) and len(found) == len(set(found))
+    assert skipped == [top / "notes.txt"] and set(api.AUDIO_SUFFIXES) == AUDIO_EXTENSIONS
+
+
 def test_vad_is_passed_only_where_featurize_file_takes_it(rec, corpus, monkeypatch):
     import voiceprint.features as F
 

@@ -297,3 +297,12 @@ def test_chunked_audio_validate_needs_a_pass(tmp_path):
     with pytest.raises(AudioError) as info:
         list(ChunkedAudio(tmp_path / "nope.wav"))
     assert info.value.reason == "missing"
+
+
+def test_a_non_utf8_file_name_is_read(tmp_path):
+    # The OS gives such a name as a str with surrogates; soundfile encodes str paths strictly and failed on it.
+    good = _write(tmp_path / "good.wav", _tone(440, 0.5, 16000), 16000, "PCM_16")
+    name = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.wav")
+    os.rename(good, name)
+    np.testing.assert_array_equal(load_audio(name), load_audio(_write(good, _tone(440, 0.5, 16000), 16000,
+                                                                     "PCM_16")))

@@ -105,6 +105,18 @@ def test_embed_npy_with_row_list_and_csv(setup, capsys):
     np.testing.assert_allclose(table.iloc[:, 1:].to_numpy(), setup["emb"][:2], rtol=1e-6)
 
 
+def test_json_lists_the_files_a_directory_scan_skipped(setup, capsys):
+    root = setup["root"]
+    notes = root / "audio" / "notes.txt"
+    notes.write_text("not audio")
+    try:
+        code, out, _ = _run(capsys, "embed", root / "audio", "--model", setup["bundle"], "--json")
+    finally:
+        notes.unlink()
+    result = json.loads(out)
+    assert code == 0 and result["files"] == 9 and result["skipped"] == [str(notes)]
+
+
 def test_cluster_csv(setup, capsys):
     root, files = setup["root"], setup["files"]
     code, out, _ = _run(capsys, "cluster", root / "audio", "--speakers", 3, "--model", setup["bundle"])

@@ -20,8 +20,10 @@ from voiceprint.fetch import ChecksumMismatch, FetchError, NotEnoughSpace, Unsaf
 class FileServer:
     """Serves ``files`` (URL path -> bytes) with HTTP Range support; ``script[path]`` lists what the next
     requests for that path get instead of a normal answer: an HTTP status (int), ``("cut", n)`` (full headers,
-    then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything) or ``("stall", s)``
-    (no answer for s seconds). ``requests`` records (path, Range header) of every request."""
+    then only n bytes and the connection closes), ``"ignore_range"`` (200 with everything), ``("cut_ignoring_range",
+    n)`` (both), ``("overlong", n)`` (200 with everything, Content-Length n bytes too large), ``("content_range",
+    value)`` (206 from the asked offset, even 0, with this Content-Range header), ``("trickle", s)`` (one byte every
+    s seconds) or ``("stall", s)`` (no answer for s seconds). ``requests`` records (path, Range header) of every request."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
@@ -43,20 +45,28 @@ class FileServer:
                 if self.path not in server.files:
                     return self.send_error(404)
                 data = server.files[self.path]
-                start = int(rng[len("bytes="):].rstrip("-")) if rng and action != "ignore_range" else 0
-                if start >= len(data) and rng and action != "ignore_range":
+                kind = action[0] if isinstance(action, tuple) else action
+                ignore_range = kind in ("ignore_range", "cut_ignoring_range", "overlong")
+                start = int(rng[len("bytes="):].rstrip("-")) if rng and not ignore_range else 0
+                if start >= len(data) and rng and not ignore_range:
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
+                self.send_response(206 if start or kind == "content_range" else 200)
+                if start or kind == "content_range":
+                    self.send_header("Content-Range", action[1] if kind == "content_range"
+                                     else f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start + (action[1] if kind == "overlong" else 0)))
                 self.end_headers()
                 body = data[start:]
-                if isinstance(action, tuple) and action[0] == "cut":
+                if kind in ("cut", "cut_ignoring_range"):
                     body = body[:action[1]]
+                if kind == "trickle":
+                    for i in range(len(body)):     # until the client hangs up (a write then fails)
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(action[1])
                 self.wfile.write(body)
 
             def log_message(self, *args):
@@ -192,6 +202,45 @@ def test_retries_are_bounded_and_progress_resets_the_count(server, tmp_path):
     assert len(server.requests) == 4 and part.stat().st_size == 1000
 
 
+@pytest.mark.parametrize("action", [("cut_ignoring_range", 1000), ("overlong", 100)])
+def test_retries_are_bounded_when_the_file_restarts_without_growing(server, tmp_path, action):
+    # Each attempt receives bytes, but the part file starts over and never gets past its best length before.
+    url = serve_payload(server)
+    server.script["/a.bin"] = [action] * 20
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts without progress"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
+    assert len(server.requests) == 4
+
+
+def test_206_with_the_wrong_content_range_restarts_cleanly(server, tmp_path, capsys):
+    url = serve_payload(server)
+    server.script["/a.bin"] = [("content_range", "bytes 5-299999/300000")]    # to a request without Range
+    fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, **FAST)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD and len(server.requests) == 2
+    assert "Content-Range 'bytes 5-299999/300000'" in capsys.readouterr().err
+
+
+def test_206_with_the_wrong_content_range_every_time_fails_naming_the_url(server, tmp_path):
+    url = serve_payload(server)
+    fetch.part_path(tmp_path / "a.bin").write_bytes(PAYLOAD[:1000])
+    server.script["/a.bin"] = [("content_range", "bytes 0-9/10")] * 10
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 3 attempts .*Content-Range 'bytes 0-9/10'"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=2, **FAST)
+    assert len(server.requests) == 3
+
+
+def test_a_trickling_server_is_given_up_on(server, tmp_path, capsys):
+    # Each byte comes well within the socket timeout, so only a minimum rate can tell the line is useless.
+    url = serve_payload(server)
+    server.script["/a.bin"] = [("trickle", 0.02)] * 5
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=rf"^{url}: giving up after 2 attempts without progress; last error: "
+                                         r"under 1000 bytes/s for [0-9.]+ s"):
+        fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, retries=1, min_rate=1000, rate_window=0.3,
+                       **FAST)
+    assert time.monotonic() - started < 5 and len(server.requests) == 2
+
+
 @pytest.mark.parametrize("status", [404, 403])
 def test_client_errors_fail_at_once_naming_the_url(server, tmp_path, status):
     url = serve_payload(server)
@@ -299,6 +348,23 @@ def test_unsafe_members_are_refused_and_nothing_is_written(tmp_path, member, why
     assert leftovers(tmp_path) == ["work"]
 
 
+def test_decompression_bomb_is_refused_unless_pinned(tmp_path):
+    archive = make_tar(tmp_path / "bomb.tar.gz", [("top/zeros", "file", bytes(5_000_000))])   # ~5 KB packed
+    with pytest.raises(UnsafeArchive, match=r"member 'top/zeros' refused: the archive would expand to over 100 "
+                                            r"times its size"):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["bomb.tar.gz"]
+    assert fetch.extract_tar(archive, tmp_path / "out", max_ratio=None) == 1     # an md5-pinned archive
+
+
+def test_extraction_checks_disk_space_member_by_member(tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "good.tar.gz", GOOD + [("top/big", "file", PAYLOAD)])
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100_000, 100_000))
+    with pytest.raises(NotEnoughSpace, match=r"not enough disk space: .*extracting top/big"):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["good.tar.gz"]
+
+
 def test_damaged_archive_is_a_clear_error(tmp_path):
     archive = make_tar(tmp_path / "good.tar.gz", GOOD + [("top/big", "file", PAYLOAD)])
     data = archive.read_bytes()
@@ -320,3 +386,40 @@ def test_downloads_dir_comes_from_the_environment(monkeypatch, tmp_path):
     assert fetch.downloads_dir() == fetch.DEFAULT_DOWNLOADS
     monkeypatch.setenv(fetch.DOWNLOADS_ENV, str(tmp_path))
     assert fetch.downloads_dir() == tmp_path
+
+
+def test_symlink_chain_past_path_max_cannot_escape(tmp_path):
+    """CVE-2025-4517: links nested deeper than PATH_MAX stop os.path.realpath (and so the ``data`` filter) from
+    resolving them; a link then climbs out of the target, and members written through it land outside."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "flag").write_text("outside")     # beside the extraction directory, which is work/.out.extracting-*
+    steps = "abcdefghijklmnop"
+    # As long as fits: the unresolved path stays under PATH_MAX, the resolved one overflows it.
+    dest_len = len(str(work / ".out.extracting-xxxxxxxx")) + 1
+    component = "d" * min(247, (4096 - dest_len) // (len(steps) + 1))
+    members, path = [], ""
+    for step in steps:
+        members += [(f"{path}{component}", "dir", None), (f"{path}{step}", "symlink", component)]
+        path += component + "/"
+    climb = "/".join(steps) + "/" + "l" * 254
+    members += [(climb, "symlink", "/".join([".."] * len(steps))),
+                ("escape", "symlink", climb + "/.."),          # lexically inside, really the target's parent
+                ("flaglink", "hardlink", "escape/flag"), ("flaglink", "file", b"overwritten"),
+                ("escape/newfile", "file", b"new")]
+    archive = make_tar(tmp_path / "chain.tar", members)
+    with pytest.raises(UnsafeArchive, match="nothing was extracted"):
+        fetch.extract_tar(archive, work / "out")
+    assert (work / "flag").read_text() == "outside" and leftovers(work) == ["flag"]
+
+
+@pytest.mark.parametrize("members, why", [
+    ([("top/", "dir", None), ("a", "symlink", "top"), ("a/f", "file", b"x")], "passes through the link 'a'"),
+    ([("top/", "dir", None), ("up", "symlink", "top/../x")], "'..' after a name"),
+    ([("f", "file", b"x"), ("s", "symlink", "f"), ("h", "hardlink", "s")], "not a file extracted earlier"),
+])
+def test_links_are_refused_when_the_tree_could_resolve_them_elsewhere(tmp_path, members, why):
+    archive = make_tar(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(UnsafeArchive, match=why):
+        fetch.extract_tar(archive, tmp_path / "out")
+    assert leftovers(tmp_path) == ["bad.tar.gz"]

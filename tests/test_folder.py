@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from tests.conftest import REPO
 from voiceprint.corpus import MANIFEST_COLUMNS
 from voiceprint.corpus import folder as folder_module
 from voiceprint.corpus.folder import FOLDER_MANIFEST_COLUMNS, REJECT_REASONS, REJECTED_COLUMNS, scan
@@ -129,6 +133,38 @@ def test_scan_speaker_folders_lists_every_file_with_a_reason(tmp_path, monkeypat
     duplicate = rejected.set_index("path").loc[str(copy)]
     assert duplicate.speaker == "bob" and str(kept_wav) in duplicate.message and "alice" in duplicate.message
     assert rejected.set_index("path").loc[str(root / "bob" / "notes.txt")].speaker == "bob"
+
+
+def test_non_utf8_file_names_are_listed_with_escapes_not_fatal(tmp_path):
+    ok = _tone(tmp_path / "spk" / "ok.wav")
+    bad = os.fsencode(tmp_path / "spk") + b"/caf\xe9.wav"            # Latin-1 on a UTF-8 system
+    with open(bad, "wb") as fh:
+        fh.write(_tone(tmp_path / "other.wav", freq=300).read_bytes())
+    os.remove(tmp_path / "other.wav")
+    os.mkdir(os.fsencode(tmp_path) + b"/sp\xffk")                     # a speaker folder with such a name
+    with open(os.fsencode(tmp_path) + b"/sp\xffk/u.wav", "wb") as fh:
+        fh.write(b"RIFF")
+    manifest, rejected = scan(tmp_path)
+    assert list(manifest.path) == [str(ok)]
+    assert _reasons(rejected) == {f"{tmp_path}/spk/caf\\xe9.wav": "bad_filename",
+                                  f"{tmp_path}/sp\\xffk/u.wav": "bad_filename"}
+    assert "not valid UTF-8" in rejected.message[0] and "bad_filename" in REJECT_REASONS
+    rejected.to_csv(tmp_path / "rejected.csv", index=False)           # what failed the download stage
+    assert "caf\\xe9.wav,spk,bad_filename" in (tmp_path / "rejected.csv").read_text(encoding="utf-8")
+
+
+def test_fifo_and_link_to_a_device_are_rejected_without_hanging(tmp_path):
+    _tone(tmp_path / "spk" / "ok.wav")
+    os.mkfifo(tmp_path / "spk" / "pipe.wav")              # open() would wait for a writer forever
+    os.symlink("/dev/zero", tmp_path / "spk" / "zero.wav")  # reading would never end
+    code = ("import json, sys; from voiceprint.corpus.folder import scan; "
+            "print(json.dumps(dict(zip(*scan(sys.argv[1])[1][['path', 'reason']].values.T))))")
+    # A subprocess with a timeout: the bug is a hang, and a hung test must still end.
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {str(tmp_path / "spk" / "pipe.wav"): "not_a_file",
+                                       str(tmp_path / "spk" / "zero.wav"): "not_a_file"}
 
 
 def test_changed_file_changes_the_manifest(tmp_path):

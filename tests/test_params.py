@@ -62,3 +62,29 @@ def test_preset_becomes_set_param_flags(tmp_path):
         preset_assignments(preset, REPO / "params.yaml")
     # the shipped preset only names existing keys
     assert len(preset_assignments(REPO / "params-librispeech.yaml", REPO / "params.yaml")) > 10
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_not_numbers_in_range(value):
+    with pytest.raises(ParamsError, match="softmax.lr: expected a finite number"):
+        section(lr=value).float("lr", min=0, max=1)
+
+
+def test_a_misspelt_key_is_refused_naming_the_closest(tmp_path):
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())   # dvc.yaml lists every stage's params
+    text = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("eval_speakers:", "eval_speaker:"))
+    with pytest.raises(ParamsError, match=r"params.yaml: model_inputs.eval_speaker: unknown key \(no stage in "
+                                          r"dvc.yaml reads it\); did you mean model_inputs.eval_speakers\?"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text)
+    load_params(tmp_path / "params.yaml")
+
+
+def test_broken_yaml_is_one_line_with_line_and_column(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  source: [synthetic\n  seed: 0\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(bad)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{bad}:") and "line 3, column" in message

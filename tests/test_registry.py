@@ -79,10 +79,26 @@ def test_list_and_remove(registry):
 
 
 @pytest.mark.parametrize("name, why", [("", "non-empty"), ("  ", "non-empty"), ("Unknown", "reserved"),
-                                       ("a\nb", "printable"), ("x" * 201, "printable")])
+                                       ("a\nb", "printable"), ("x" * 201, "printable"),
+                                       ("unknown\u200b", "printable"),      # displays as "unknown"
+                                       ("\u202eecilA", "printable"),         # right-to-left override
+                                       ("a\x7fb", "printable"), ("ｕｎｋｎｏｗｎ", "reserved")])  # fullwidth
 def test_bad_speaker_names(registry, name, why):
     with pytest.raises(RegistryError, match=why):
         registry.enroll(name, np.eye(3)[:1], model_sha256=MODEL_A, sources=_sources("a1"))
+
+
+def test_speaker_names_are_stored_nfkc_normalised(registry):
+    result = registry.enroll("Ａlice", np.eye(3)[:1], model_sha256=MODEL_A, sources=_sources("a1"))
+    assert result.speaker == "Alice" and [s.name for s in registry.speakers()] == ["Alice"]
+
+
+def test_reading_never_creates_or_converts_a_file(tmp_path):
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    with pytest.raises(RegistryError, match="empty.sqlite is empty.*not a voiceprint registry"):
+        Registry(empty, create=False)
+    assert empty.read_bytes() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]
 
 
 def test_missing_empty_and_foreign_files(tmp_path):

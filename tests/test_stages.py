@@ -1,9 +1,12 @@
 """Stage scripts on bad input: clear one-line errors naming the key or file; bad files listed, not fatal."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +65,60 @@ def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
     assert proc.returncode == 1
     assert "error: stage mfcc: too little usable audio: 2 of 2 files usable, 1 speaker(s)" in proc.stderr
     assert not (root / "data/features").exists()   # nothing half-written
+
+
+KILL_A_WORKER = """
+import os, runpy, signal
+import voiceprint.features as features
+
+real = features._featurize_one
+
+def die_on_stuck(task):     # in a forked worker: SIGKILL mid-file, as the out-of-memory killer does it
+    if task[1].endswith("stuck.wav"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(task)
+
+die_on_stuck.__module__, die_on_stuck.__qualname__ = features.__name__, "_featurize_one"  # pickled by name
+features._featurize_one = die_on_stuck
+runpy.run_module("stages.mfcc", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_mfcc_fails_in_seconds_naming_the_file_when_a_worker_is_killed(corpus):
+    root, raw, manifest = corpus
+    shutil.copy(raw / manifest.path[0], raw / "stuck.wav")
+    stuck = pd.DataFrame([["stuck.wav", "spk0000", "stuck", 1.0, 16000]], columns=manifest.columns)
+    pd.concat([manifest, stuck]).to_csv(raw / "manifest.csv", index=False)
+    write_params(root)
+    (root / "inject.py").write_text(KILL_A_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(REPO), VOICEPRINT_WORKERS="2", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, "inject.py"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)     # before the fix: waits forever for the lost file
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage and any workers left
+        proc.wait()
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]     # after the progress bar
+    assert last.startswith("error: stage mfcc: a features worker process died") and "Traceback" not in err, err
+    assert "data/raw/stuck.wav" in last
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["raw"]     # no .features.* left
+
+
+def test_stale_features_temp_dirs_are_removed_at_the_next_start(corpus):
+    root, raw, manifest = corpus
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (root / "data" / f".features.{dead}.abc12345" / "features").mkdir(parents=True)    # a stage killed mid-way
+    (root / "data" / f".features.{os.getpid()}.def45678").mkdir()                     # a live process's
+    manifest.to_csv(raw / "manifest.csv", index=False)
+    write_params(root)
+    proc = run_stage("mfcc", root)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (root / "data").iterdir()) == [f".features.{os.getpid()}.def45678", "features",
+                                                                 "raw"]
 
 
 @pytest.mark.parametrize("stage, section, values, message", [

@@ -31,13 +31,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from voiceprint.audio import AUDIO_EXTENSIONS
 from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
 from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_scores, rank_speakers
 from voiceprint.score_norm import as_norm_matrix
 
 MODEL_ENV_VAR = "VOICEPRINT_MODEL"
 DEFAULT_MODEL = Path("models/voiceprint")
-AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".aiff", ".aif")   # what a directory is searched for
+AUDIO_SUFFIXES = tuple(sorted(AUDIO_EXTENSIONS))   # what a directory is searched for: what the pipeline decodes
 UNKNOWN = "unknown"
 FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded memory, batched model calls
 
@@ -66,8 +67,9 @@ def checked_model_path(model: str | Path | None = None) -> Path:
     return shipped_model(path) if path.resolve() == SHIPPED else path
 
 
-def audio_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and for a directory every audio file below it (sorted). Nothing is de-duplicated.
+def audio_files(inputs: Iterable[str | Path], *, skipped: list[Path] | None = None) -> list[Path]:
+    """Files as given, and for a directory every audio file below it (sorted), following linked folders once.
+    Nothing is de-duplicated; the other files found in directories are appended to ``skipped`` when given.
 
     Raises AudioError (reason ``missing``) for a path that does not exist, InputError for a directory without
     audio files or an empty list.
@@ -78,7 +80,9 @@ def audio_files(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            found, others = _walk_files(path)
+            if skipped is not None:
+                skipped.extend(others)
             if not found:
                 raise InputError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this directory")
             out.extend(found)
@@ -89,6 +93,22 @@ def audio_files(inputs: Iterable[str | Path]) -> list[Path]:
     if not out:
         raise InputError("no audio files given")
     return out
+
+
+def _walk_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(audio files, other files) below ``root``, sorted; linked folders are followed, each real folder once
+    (a link back up would loop)."""
+    audio, others, seen = [], [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(folder))
+        for name in files:
+            path = Path(folder, name)
+            if path.is_file():      # fifos and devices are neither
+                (audio if path.suffix.lower() in AUDIO_EXTENSIONS else others).append(path)
+    return sorted(audio), sorted(others)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

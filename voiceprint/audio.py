@@ -99,7 +99,8 @@ def open_audio(path) -> sf.SoundFile:
         # message that only says "System error".
         with open(p, "rb"):
             pass
-        return sf.SoundFile(str(p))
+        # As bytes: soundfile encodes a str path strictly, which fails on a name that is not valid UTF-8.
+        return sf.SoundFile(os.fsencode(p))
     except AudioError:
         raise
     except FileNotFoundError:

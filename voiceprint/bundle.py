@@ -160,6 +160,18 @@ def _text(value, source: str, key: str) -> str:
     return value
 
 
+# Speech is recorded at 8-48 kHz; far outside, the 10 ms hop rounds to 0 samples (a division by zero under 50 Hz)
+# or the 25 ms window outgrows the FFT: refused when the bundle loads, not as a crash in the first file.
+SAMPLE_RATES = (8000, 48000)
+
+
+def _sample_rate(value, source: str, key: str) -> int:
+    low, high = SAMPLE_RATES
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(source, key, f"expected an integer in [{low}, {high}] (Hz), got {value!r}")
+    return value
+
+
 def parse_features(data, source: str, prefix: str = "features.") -> FeatureSettings:
     from voiceprint import features as features_module
     from voiceprint.features import FEATURE_KINDS
@@ -178,7 +190,7 @@ def parse_features(data, source: str, prefix: str = "features.") -> FeatureSetti
         raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(vad_kinds))}")
     return FeatureSettings(
         kind=kind,
-        sample_rate=_int(data["sample_rate"], source, prefix + "sample_rate", 1),
+        sample_rate=_sample_rate(data["sample_rate"], source, prefix + "sample_rate"),
         num_bands=_int(data["num_bands"], source, prefix + "num_bands", 1),
         min_seconds=_number(data["min_seconds"], source, prefix + "min_seconds", 0.0),
         window_frames=_int(data["window_frames"], source, prefix + "window_frames", 0),

@@ -48,9 +48,14 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _recognizer(args):
-    from voiceprint.api import Recognizer, checked_model_path
+    from voiceprint.api import InputError, Recognizer, checked_model_path
     from voiceprint.bundle import require_model
+    from voiceprint.runtime import env_count
 
+    try:
+        env_count("VOICEPRINT_THREADS")     # a usage error, before TensorFlow could abort on it
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     model = require_model(checked_model_path(args.model))   # fail fast, before the slow TensorFlow import
     _import_tensorflow_quietly()
     from voiceprint.runtime import configure_tensorflow
@@ -94,6 +99,15 @@ def _registry(args, *, create: bool):
     return Registry(args.registry, create=create)
 
 
+def _check_not_directory(*paths) -> None:
+    from voiceprint.api import InputError
+
+    # Checked before any work: an output is replaced whole, and a directory is never ours to replace.
+    for path in paths:
+        if Path(path).is_dir():
+            raise InputError(f"output {path}: is a directory; give a file name")
+
+
 def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
     from voiceprint.api import InputError
 
@@ -102,6 +116,7 @@ def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
     suffix = Path(path).suffix.lower()
     if suffix not in allowed:
         raise InputError(f"output {path}: expected a file ending in {' or '.join(allowed)}")
+    _check_not_directory(path, *([Path(path).with_suffix(".paths.csv")] if suffix == ".npy" else []))
     return suffix
 
 
@@ -117,11 +132,13 @@ def cmd_embed(args) -> int:
     suffix = _output_suffix(args.output, (".npy", ".csv"))
     if suffix is None and not args.json:
         raise InputError("embed: give -o OUT.npy or -o OUT.csv (or --json to print the embeddings)")
-    paths = audio_files(args.inputs)
+    skipped = []
+    paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
     emb = rec.embed_files(paths, progress=_progress(args))
     names = [str(p) for p in paths]
-    payload = {**_model_info(rec, scores=False), "files": len(names), "embedding_dim": int(emb.shape[1])}
+    payload = {**_model_info(rec, scores=False), "files": len(names), "embedding_dim": int(emb.shape[1]),
+               "skipped": [str(p) for p in skipped]}
     if suffix is None:
         payload["embeddings"] = [{"path": n, "embedding": e.tolist()} for n, e in zip(names, emb)]
         return _emit(args, payload, "")
@@ -184,14 +201,15 @@ def cmd_enroll(args) -> int:
     from voiceprint.registry import check_speaker_name
 
     name = check_speaker_name(args.name)   # fail before loading the model
-    paths = audio_files(args.files)
+    skipped = []
+    paths = audio_files(args.files, skipped=skipped)
     rec = _recognizer(args)
     with _registry(args, create=True) as reg:
         result = rec.enroll(reg, name, paths, progress=_progress(args))
         where = str(reg.path)
     return _emit(args, {**_model_info(rec, scores=False), "registry": where, "speaker": result.speaker,
-                        "added": result.added,
-                        "already_enrolled": result.already_enrolled, "enrollments": result.enrollments},
+                        "added": result.added, "already_enrolled": result.already_enrolled,
+                        "enrollments": result.enrollments, "skipped": [str(p) for p in skipped]},
                  f"enrolled {result.speaker}: {result.added} new recording(s), {result.already_enrolled} already "
                  f"enrolled, {result.enrollments} in total (registry {where})")
 
@@ -249,7 +267,8 @@ def cmd_cluster(args) -> int:
     _output_suffix(args.output, (".csv",))
     if args.speakers is not None and args.threshold is not None:
         raise InputError("cluster: give --speakers or --threshold, not both")
-    paths = audio_files(args.inputs)
+    skipped = []
+    paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
     name, value = (None, None) if args.speakers is not None else rec.threshold(args.threshold or "eer")
     labels = rec.cluster(paths, threshold=args.threshold or "eer", num_speakers=args.speakers,
@@ -257,7 +276,7 @@ def cmd_cluster(args) -> int:
     table = pd.DataFrame({"path": [str(p) for p in paths], "speaker": labels})
     groups = int(labels.max())
     payload = {**_model_info(rec), "threshold": value, "threshold_name": name, "speakers": groups,
-               "files": table.to_dict(orient="records")}
+               "files": table.to_dict(orient="records"), "skipped": [str(p) for p in skipped]}
     if args.output:
         write_csv(args.output, table)
         payload["output"] = str(args.output)
@@ -268,6 +287,16 @@ def cmd_cluster(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parser
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus the JSON error document that --json promises (argparse itself only prints usage)."""
+    json_errors = False
+
+    def error(self, message):
+        if _Parser.json_errors:
+            print(json.dumps({"error": {"kind": "usage", "message": message, "exit_code": EXIT_USAGE}}))
+        super().error(message)
+
 
 def build_parser() -> argparse.ArgumentParser:
     import voiceprint
@@ -286,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--registry", help="SQLite registry file (default: $VOICEPRINT_REGISTRY, else "
                                              "~/.local/share/voiceprint/registry.sqlite)")
 
-    parser = argparse.ArgumentParser(prog="voiceprint", description="Speaker recognition with a trained "
+    parser = _Parser(prog="voiceprint", description="Speaker recognition with a trained "
                                      "voiceprint model bundle. Exit codes: 0 ok, 1 unexpected error, 2 usage, "
                                      "3 model, 4 bad audio, 5 registry.")
     parser.add_argument("--version", action="version", version=f"voiceprint {voiceprint.__version__}")
@@ -351,6 +380,7 @@ def _error_kinds():
 
 
 def main(argv=None) -> int:
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     kinds = _error_kinds()
     try:
@@ -364,6 +394,8 @@ def main(argv=None) -> int:
         return code
     except KeyboardInterrupt:
         print(f"voiceprint {args.command}: interrupted", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"kind": "interrupted", "message": "interrupted", "exit_code": 130}}))
         return 130
 
 

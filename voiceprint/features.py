@@ -35,6 +35,9 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 import numba
@@ -1062,18 +1065,39 @@ def _warm_up(kind: str, sample_rate: int) -> None:
 
 
 _BLAS_LIMITER = None  # keeps the worker's threadpool limit alive
+# In a worker: the shared array holding, per worker, the index of the file it is on (-1: none), and its slot.
+_SLOTS, _SLOT = None, -1
 
 
-def _init_worker() -> None:
+def _init_worker(slots=None, counter=None) -> None:
     # One BLAS/OpenMP thread per worker: N processes x N threads would
     # oversubscribe the cores.  The env vars cover libraries loaded later; the
     # already-loaded ones (numpy's OpenBLAS, inherited via fork) need threadpoolctl.
-    global _BLAS_LIMITER
+    global _BLAS_LIMITER, _SLOTS, _SLOT
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     from threadpoolctl import threadpool_limits
 
     _BLAS_LIMITER = threadpool_limits(limits=1)
+    if slots is not None:
+        with counter.get_lock():
+            _SLOT, counter.value = counter.value, counter.value + 1
+        _SLOTS = slots
+        # When one worker dies, the executor stops the others with SIGTERM: they clear their slot first, so only
+        # the one that died on its own (kill -9, the OOM killer, a crash) still names its file.
+        signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _stop_worker(signum, frame):
+    _SLOTS[_SLOT] = -1
+    os._exit(128 + signum)
+
+
+def _featurize_tracked(task):
+    _SLOTS[_SLOT] = task[0]
+    result = _featurize_one(task)
+    _SLOTS[_SLOT] = -1
+    return result
 
 
 def _featurize_one(task):
@@ -1109,9 +1133,11 @@ def featurize_many(
     file never stops the run.  ``vad`` and ``max_clipped_fraction`` as in :func:`featurize_file`.
 
     ``workers <= 1`` computes in this process (with the same 1-thread BLAS
-    limit); otherwise a multiprocessing Pool of ``workers`` processes
+    limit); otherwise a process pool of ``workers`` processes
     (``start_method``: None = the platform default context, or 'fork',
     'spawn', 'forkserver').  ``kind`` and ``vad`` are validated up front (ValueError).
+    A worker that dies (kill -9, the out-of-memory killer, a crash) raises ChildProcessError naming the file it
+    was on: a concurrent.futures pool reports a lost worker, where multiprocessing.Pool waited forever.
     """
     _check_kind(kind)
     _check_vad(vad)
@@ -1140,11 +1166,21 @@ def featurize_many(
         ctx = multiprocessing.get_context(start_method)
         # Chunks amortise IPC but keep ordering latency / load balance reasonable.
         chunksize = max(1, min(32, len(tasks) // (workers * 8)))
-        with ctx.Pool(processes=workers, initializer=_init_worker) as pool:
-            for result in pool.imap(_featurize_one, tasks, chunksize=chunksize):
+        slots = ctx.Array("q", [-1] * workers, lock=False)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(slots, ctx.Value("i", 0)))
+        try:
+            for result in pool.map(_featurize_tracked, tasks, chunksize=chunksize):
                 if bar is not None:
                     bar.update(1)
                 yield result
+        except BrokenProcessPool:
+            pool.shutdown(wait=True, cancel_futures=True)   # every worker has exited: the slots are final
+            lost = ", ".join(paths[i] for i in slots if i >= 0) or "(none: it died between files)"
+            raise ChildProcessError(f"a features worker process died (killed: out of memory, kill -9, or a "
+                                    f"crash) while processing {lost}") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()

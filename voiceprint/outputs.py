@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import zipfile
@@ -22,19 +23,48 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path (file or directory) that replaces ``final`` only if the block succeeds."""
+    """Yield a temporary sibling path (file or directory) that replaces ``final`` only if the block succeeds.
+
+    A directory replaces a directory (stage outputs such as data/features); a file never replaces a directory
+    (IsADirectoryError, nothing removed): ``-o results.npy`` naming a user's folder must not delete it.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    _remove_stale_temps(final)
+    # The pid in the name tells a later run whether the writer still runs.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent)) / final.name
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
+        final_is_dir = final.is_dir() and not final.is_symlink()
+        if tmp.is_dir() and final_is_dir:
             shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
-            final.unlink()
-        os.replace(tmp, final)
+        elif final_is_dir:
+            raise IsADirectoryError(21, "is a directory; refusing to replace it with a file", str(final))
+        elif tmp.is_dir() and (final.exists() or final.is_symlink()):
+            final.unlink()      # rename() cannot put a directory over a file
+        os.replace(tmp, final)  # a file over a file (or a link) in one step
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Remove temporaries of ``final`` whose writer is gone: a process killed mid-write (kill -9, the OOM killer)
+    never reaches the clean-up in atomic_path, and its data/.features.* would stay forever."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.[a-z0-9_]{{8}}")
+    for stale in final.parent.iterdir():
+        match = pattern.fullmatch(stale.name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -6,6 +6,8 @@ Values are never evaluated, only type-checked.
 """
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,16 +19,36 @@ class ParamsError(ValueError):
 
 
 def load_params(path: str | Path = "params.yaml") -> "Params":
+    """The params file, checked against the dvc.yaml beside it (when there is one): every key must be a param
+    some stage declares, so a misspelt key fails naming the closest instead of being silently ignored."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsError(f"{path}: not valid YAML: {where}{problem or ' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    _check_known_keys(path, data)
     return Params(data, source=str(path))
+
+
+def _check_known_keys(path: Path, data: dict) -> None:
+    try:
+        stages = yaml.safe_load((path.parent / "dvc.yaml").read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return      # no pipeline beside this file (a preset, a test's scratch copy): nothing to check against
+    declared = {p for stage in stages.values() for p in stage.get("params", []) if isinstance(p, str)}
+    for section, values in data.items():
+        keys = [f"{section}.{k}" for k in values] if isinstance(values, dict) else [str(section)]
+        for key in keys:
+            if key not in declared and key.partition(".")[0] not in declared:
+                close = difflib.get_close_matches(key, sorted(declared), n=1)
+                raise ParamsError(f"{path}: {key}: unknown key (no stage in dvc.yaml reads it)"
+                                  + (f"; did you mean {close[0]}?" if close else ""))
 
 
 class Params:
@@ -73,6 +95,8 @@ class Params:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._fail(name, f"expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):     # NaN compares false with any bound, so it would pass them all
+            raise self._fail(name, f"expected a finite number, got {value}")
         if min_exclusive and min is not None and value <= min:
             raise self._fail(name, f"must be > {min}, got {value}")
         self._check_range(name, value, None if min_exclusive else min, max)

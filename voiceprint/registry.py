@@ -21,6 +21,7 @@ import contextlib
 import os
 import sqlite3
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,13 +63,17 @@ def default_registry_path() -> Path:
 
 
 def check_speaker_name(name: str) -> str:
-    """The name, stripped; RegistryError for an empty, reserved, over-long or control-character name."""
+    """The name, NFKC-normalised and stripped; RegistryError for an empty, reserved, over-long name, or one with
+    control or format characters (zero-width spaces, direction overrides): those make a name display as another
+    one ("unknown\u200b" shows as "unknown")."""
     if not isinstance(name, str) or not name.strip():
         raise RegistryError(f"speaker name {name!r}: must be a non-empty string")
-    name = name.strip()
-    if name.lower() in RESERVED_NAMES:
+    name = unicodedata.normalize("NFKC", name).strip()
+    if name.casefold() in RESERVED_NAMES:
         raise RegistryError(f"speaker name {name!r} is reserved (identification answers it for no match)")
-    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+    # Cc control, Cf format, Co private use, Cn unassigned, Cs surrogates; Zl/Zp line and paragraph separators.
+    invisible = {"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"}
+    if len(name) > MAX_NAME_LENGTH or any(unicodedata.category(c) in invisible for c in name):
         raise RegistryError(f"speaker name {name!r}: at most {MAX_NAME_LENGTH} printable characters")
     return name
 
@@ -118,6 +123,9 @@ class Registry:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             with self._transaction("DEFERRED"):
                 new = self._is_new()        # refuses another application's database before changing anything
+            if new and not create:          # reading never creates or converts a file (an empty one included)
+                raise RegistryError(f"registry {self.path} is empty ({self.path.stat().st_size} bytes), not a "
+                                    "voiceprint registry: enrol a speaker first (voiceprint enroll NAME FILES...)")
             self._enable_wal(timeout)
             if new:
                 with self._transaction():   # the write lock, then look again: another process may have won

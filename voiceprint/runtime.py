@@ -8,12 +8,21 @@ from __future__ import annotations
 import os
 
 
+def env_count(name: str) -> int:
+    """A count from the environment (VOICEPRINT_THREADS, VOICEPRINT_WORKERS): unset or 0 means all cores (0).
+    Anything but a whole number is refused here: TensorFlow aborts the process on a negative thread count."""
+    value = os.environ.get(name, "").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"{name}={os.environ[name]!r}: expected a whole number >= 0 (0 or unset: all cores)")
+    return int(value)
+
+
 def configure_tensorflow(seed: int, threads: int | None = None):
+    threads = threads or env_count("VOICEPRINT_THREADS") or os.cpu_count() or 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
 
-    threads = threads or int(os.environ.get("VOICEPRINT_THREADS", 0)) or os.cpu_count() or 1
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -49,4 +58,4 @@ def load_model(path, *, what: str = "model"):
 def default_workers() -> int:
     """Processes for feature work: all cores unless VOICEPRINT_WORKERS says otherwise. Not a param: it changes
     speed, never results, so it must not invalidate DVC stages."""
-    return max(1, int(os.environ.get("VOICEPRINT_WORKERS", 0)) or os.cpu_count() or 1)
+    return max(1, env_count("VOICEPRINT_WORKERS") or os.cpu_count() or 1)

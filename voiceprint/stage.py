@@ -5,7 +5,8 @@ import sys
 from typing import Callable
 
 # Errors whose message already says what is wrong and where (file or params key): no traceback needed.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, KeyError)
+# ChildProcessError: a worker process died, and the message names the file it was on.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, KeyError, ChildProcessError)
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,8 @@ REJECT_REASONS = {
     "no_speaker": "audio outside any speaker folder",
     "empty": "contains no samples",
     "unreadable": "header cannot be decoded",
+    "not_a_file": "a fifo, device or socket (or a link to one), not a regular file",
+    "bad_filename": "path is not valid UTF-8 (listed with \\x escapes); rename it to include it",
 }
 LIBRISPEECH_SUBSET = re.compile(r"^(dev|test|train)-(clean|other)(-\d+)?$")
 
@@ -79,7 +82,7 @@ def scan(source: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     _assign_utterance_ids(kept)
     manifest = pd.DataFrame(kept, columns=FOLDER_MANIFEST_COLUMNS + ["_key", "_fallback_key"])
     manifest = manifest[FOLDER_MANIFEST_COLUMNS].sort_values(["path", "speaker"], ignore_index=True)
-    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS).map(_printable)
     rejected_frame = rejected_frame.sort_values(["path", "reason", "speaker"], ignore_index=True)
     return manifest, rejected_frame
 
@@ -122,6 +125,12 @@ def _scan_tree(source: Path) -> tuple[list[dict], list[dict]]:
     candidates, rejected = [], []
     for rel in _walk(source, rejected):
         path = str(source / rel)
+        if _printable(path) != path:
+            # Names the OS gave as bytes that are not UTF-8: the manifest (a UTF-8 CSV) cannot hold them.
+            speaker = _printable(rel.parts[0]) if len(rel.parts) >= 2 else ""
+            rejected.append(dict(path=path, speaker=speaker, reason="bad_filename",
+                                 message=f"{_printable(path)}: {REJECT_REASONS['bad_filename']}"))
+            continue
         if libri is not None:
             parts = (source / rel).relative_to(libri).parts if (source / rel).is_relative_to(libri) else ()
             in_place = len(parts) == 4 and LIBRISPEECH_SUBSET.match(parts[0]) is not None
@@ -189,6 +198,13 @@ def _scan_csv(csv_path: Path) -> tuple[list[dict], list[dict]]:
 # --- per file -----------------------------------------------------------------------------------------------
 
 
+def _printable(text):
+    """A name as decoded by the OS (undecodable bytes as surrogates) -> valid UTF-8 text, bytes as \\xNN."""
+    if not isinstance(text, str):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _not_audio(path: str) -> str:
     return (f"{path}: extension {Path(path).suffix or '(none)'} is not an audio type this build decodes "
             f"({', '.join(sorted(AUDIO_EXTENSIONS))})")
@@ -198,6 +214,9 @@ def _probe(item: dict) -> tuple[str, str] | None:
     """Fill sha1, bytes, duration, sample_rate of ``item`` from the file; (reason, message) if it is unusable."""
     path = item["path"]
     try:
+        # Before opening: a fifo blocks open() until a writer comes, /dev/zero never ends; either hangs the scan.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not_a_file", f"{path}: {REJECT_REASONS['not_a_file']}"
         digest = hashlib.sha1()
         size = 0
         with open(path, "rb") as fh:

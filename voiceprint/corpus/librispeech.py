@@ -113,7 +113,7 @@ def prepare(raw_dir: str | Path, subsets: Sequence[str], *, mirror: str = MIRROR
 def _extract_subset(archive: Path, raw_dir: Path, subset: str, *, progress: bool) -> None:
     """Extract one archive and merge its LibriSpeech/ tree into ``raw_dir/LibriSpeech``."""
     staging = raw_dir / f".{subset}.extracted"
-    fetch.extract_tar(archive, staging, progress=progress)
+    fetch.extract_tar(archive, staging, max_ratio=None, progress=progress)   # md5-pinned: its size is known
     try:
         found = sorted(p.name for p in staging.iterdir())
         root = staging / "LibriSpeech"
