@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = {"download", "mfcc", "model_inputs", "softmax", "triplet", "tdnn_head", "evaluate"}
+ALL_STAGES = {"download", "mfcc", "model_inputs", "augment", "softmax", "triplet", "tdnn_head", "evaluate"}
 
 TINY = {
     "data": {"speakers": 8, "utterances_per_speaker": 4, "min_seconds": 1.0, "max_seconds": 1.5},
@@ -122,6 +122,15 @@ def test_repro_then_experiments(repo):
     # With Adam, a margin change only changes the weights through which triplets are active; from 0 to 1 the
     # active set surely changes (were the weights identical, DVC would rightly skip everything downstream).
     assert experiment("triplet.alpha=1.0") == {"triplet", "tdnn_head", "evaluate"}
+    # Augmentation: copies feed every training stage; masks only touch softmax pre-training onwards; AAM likewise.
+    assert experiment("augment.speed_perturb=true", "augment.copies=1") == ALL_STAGES - {"download", "mfcc",
+                                                                                        "model_inputs"}
+    augmented = json.loads((root / "metrics/augment.json").read_text())
+    train_utterances = json.loads((root / "metrics/model_inputs.json").read_text())["utterances"]["train"]
+    assert augmented["copies"] == train_utterances * 5 and augmented["failed"] == 0
+    assert augmented["classes"] == 3 * 5                 # 5 training speakers, and their 0.9x and 1.1x twins
+    assert experiment("augment.time_masks=2", "softmax.loss=aam_softmax") == {"softmax", "triplet", "tdnn_head",
+                                                                              "evaluate"}
     assert experiment("data.seed=99") == ALL_STAGES
 
 
