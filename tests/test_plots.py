@@ -59,6 +59,11 @@ def test_training_curves_one_panel_per_metric(tmp_path):
     assert _size(both) == (1000, 400)          # loss and accuracy panels, 5 x 4 inches each at 100 dpi
     only_loss = plots.training_curves({"triplet": tmp_path / "t.csv"}, tmp_path / "d.png")
     assert _size(only_loss) == (500, 400)
+    # a stage that trained no epochs (triplet.epochs: 0) writes its header only and draws no curve
+    pd.DataFrame(columns=["epoch", "loss", "val_loss"]).to_csv(tmp_path / "none.csv", index=False)
+    skipped = plots.training_curves({"softmax": tmp_path / "s.csv", "triplet": tmp_path / "none.csv"},
+                                    tmp_path / "f.png")
+    assert _size(skipped) == (1000, 400)
     pd.DataFrame({"step": [1], "loss": [1.0]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="bad.csv: expected an 'epoch' column"):
         plots.training_curves({"x": tmp_path / "bad.csv"}, tmp_path / "e.png")

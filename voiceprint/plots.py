@@ -116,7 +116,8 @@ def training_curves(csv_paths: Mapping[str, str | Path], path: str | Path, *, ti
     """One panel per metric (loss, accuracy, ...) over epochs, one colour per run, validation dashed.
 
     Each CSV (the stages' plots/*.csv) has an ``epoch`` column plus metric columns; ``val_<m>`` is drawn in the
-    panel of ``<m>``.
+    panel of ``<m>``. A log with its header and no rows is a stage that trained no epochs (``triplet.epochs: 0``):
+    it draws no curve.
     """
     import pandas as pd
 
@@ -129,7 +130,9 @@ def training_curves(csv_paths: Mapping[str, str | Path], path: str | Path, *, ti
         except (OSError, ValueError) as exc:
             raise ValueError(f"{csv}: cannot read training log: {exc}") from None
         metrics = [c for c in table.columns if c != "epoch"]
-        if "epoch" not in table.columns or not metrics or table.empty:
+        if "epoch" in table.columns and table.empty:
+            continue
+        if "epoch" not in table.columns or not metrics:
             raise ValueError(f"{csv}: expected an 'epoch' column, metric columns and at least one row")
         bad = [c for c in metrics if not pd.api.types.is_numeric_dtype(table[c])]
         if bad:
