@@ -6,6 +6,7 @@ returns the manifest plus metrics of its own.
 import pandas as pd
 
 from voiceprint.corpus import MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
+from voiceprint.errors import DataError
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import default_workers
@@ -53,15 +54,15 @@ def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
     rejected.csv (every file found but not usable as a recording, with its reason)."""
     source = data.str("folder")
     if not source:
-        raise ValueError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
-                         "(path,speaker) for data.source=folder")
+        raise DataError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
+                        "(path,speaker) for data.source=folder")
     manifest, rejected = folder.scan(source)
     rejected.to_csv(raw / "rejected.csv", index=False, lineterminator="\n")
     for row in rejected.itertuples():
         print(f"  left out {row.path}: {row.reason}: {row.message}")
     if manifest.empty:
-        raise ValueError(f"data.folder: {source}: no usable recordings found ({len(rejected)} file(s) left out, "
-                         "listed above)")
+        raise DataError(f"data.folder: {source}: no usable recordings found ({len(rejected)} file(s) left out, "
+                        "listed above)")
     reasons = rejected.reason.value_counts().sort_index().to_dict()
     return manifest, {"left_out": len(rejected), "left_out_by_reason": reasons}
 

@@ -125,3 +125,51 @@ def test_folder_source_lists_what_it_leaves_out(tmp_path):
     assert sorted(rejected.reason) == ["duplicate", "not_audio"]
     metrics = json.loads((tmp_path / "metrics/download.json").read_text())
     assert metrics["left_out_by_reason"] == {"duplicate": 1, "not_audio": 1}
+
+
+def test_run_stage_reports_project_errors_in_one_line_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
+    from voiceprint.errors import DataError, VoiceprintError
+    from voiceprint.stage import TRACEBACK_ENV_VAR, run_stage as run
+    from voiceprint.store import UnknownUtteranceError
+
+    def fails_with(exc):
+        def main():
+            raise exc
+        return main
+
+    monkeypatch.delenv(TRACEBACK_ENV_VAR, raising=False)
+    for exc, line in [(DataError("data/raw: too little usable audio"), "data/raw: too little usable audio"),
+                      (UnknownUtteranceError("utterance 'u1' is not in the feature store"),
+                       "utterance 'u1' is not in the feature store")]:
+        with pytest.raises(SystemExit) as exit_:
+            run(fails_with(exc))
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err == f"error: stage test_stages: {line}\n"
+    # A bug deep in a library (pandas, Keras) is no project error: it keeps its traceback.
+    for bug in (ValueError("cannot reshape array"), KeyError("column"), FileNotFoundError("libfoo.so")):
+        with pytest.raises(type(bug)):
+            run(fails_with(bug))
+        assert capsys.readouterr().err == ""
+    monkeypatch.setenv(TRACEBACK_ENV_VAR, "1")     # and a project error's traceback on request
+    with pytest.raises(VoiceprintError):
+        run(fails_with(DataError("x")))
+
+
+def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
+    from voiceprint.api import InputError
+    from voiceprint.audio import AudioError
+    from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
+    from voiceprint.checkpoint import CheckpointError
+    from voiceprint.errors import MissingFileError, VoiceprintError
+    from voiceprint.fetch import FetchError
+    from voiceprint.params import ParamsError
+    from voiceprint.registry import RegistryError
+    from voiceprint.splits import SplitError
+
+    for cls in (ParamsError, AudioError, SplitError, InputError, CheckpointError, BundleError, ThresholdError,
+                FetchError):
+        assert issubclass(cls, VoiceprintError) and issubclass(cls, ValueError), cls
+    for cls in (ModelNotFoundError, MissingFileError):
+        assert issubclass(cls, VoiceprintError) and issubclass(cls, FileNotFoundError), cls
+    assert issubclass(RegistryError, VoiceprintError)
+

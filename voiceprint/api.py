@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
+from voiceprint.errors import VoiceprintError
 from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_speakers
 
 MODEL_ENV_VAR = "VOICEPRINT_MODEL"
@@ -38,7 +39,7 @@ UNKNOWN = "unknown"
 FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded memory, batched model calls
 
 
-class InputError(ValueError):
+class InputError(VoiceprintError, ValueError):
     """The inputs name nothing usable (e.g. a directory without audio files)."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import keras
 
+from voiceprint.errors import DataError
 from voiceprint.store import FeatureStore
 
 
@@ -63,7 +64,7 @@ class _SpeakerBatches(keras.utils.PyDataset):
         self.by_speaker = {int(c): items[labels == c] for c in np.unique(labels)}
         self.classes = np.array(sorted(self.by_speaker))
         if len(self.classes) < 2:
-            raise ValueError("speaker batches need at least 2 training speakers")
+            raise DataError("speaker batches need at least 2 training speakers")
         self.p = min(speakers_per_batch, len(self.classes))
         self.epoch = 0
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from voiceprint.errors import VoiceprintError
 from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
 
 MODEL_FILE = "model.keras"
@@ -36,15 +37,15 @@ DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 1600
                     "min_seconds": 0.5, "window_frames": 0, "hop_frames": 80}
 
 
-class BundleError(ValueError):
+class BundleError(VoiceprintError, ValueError):
     """A bundle that cannot be used (bad calibration.json, swapped model file, wrong shapes); names the file."""
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(VoiceprintError, FileNotFoundError):
     """No model at the given path."""
 
 
-class ThresholdError(ValueError):
+class ThresholdError(VoiceprintError, ValueError):
     """A threshold that is neither a calibrated name nor a cosine score in [-1, 1]."""
 
 

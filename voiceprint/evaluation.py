@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from voiceprint import metrics
+from voiceprint.errors import DataError
 
 
 def cosine_scores(embeddings: np.ndarray, utterances, trials: pd.DataFrame) -> np.ndarray:
@@ -90,7 +91,7 @@ def paired_eer_difference_ci(scores: np.ndarray, base_scores: np.ndarray, trials
             continue
         differences.append(metrics.eer(scores, labels, weights)[0] - metrics.eer(base_scores, labels, weights)[0])
     if not differences:
-        raise ValueError("too few speakers for a speaker-level bootstrap of the EER difference")
+        raise DataError("too few speakers for a speaker-level bootstrap of the EER difference")
     low, high = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 

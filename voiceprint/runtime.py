@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from voiceprint.errors import DataError, MissingFileError
+
 
 def configure_tensorflow(seed: int, threads: int | None = None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,11 +41,11 @@ def load_model(path, *, what: str = "model"):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} not found; run the stage that writes it (dvc repro)")
+        raise MissingFileError(f"{what} file {path} not found; run the stage that writes it (dvc repro)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises several types for a bad archive
-        raise ValueError(f"{path}: cannot load {what}: {exc}") from exc
+        raise DataError(f"{path}: cannot load {what}: {exc}") from exc
 
 
 def default_workers() -> int:

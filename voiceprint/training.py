@@ -19,6 +19,7 @@ from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatc
 from voiceprint.checkpoint import import_original_weights
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
+from voiceprint.errors import DataError
 from voiceprint.losses import CLASSIFICATION, get_loss, output_layer
 from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
 from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
@@ -276,9 +277,9 @@ def _check_same_start(distribution: Distribution, epochs_done: int) -> None:
     per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(epochs_done))
     total = int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
     if total != epochs_done * distribution.replicas:
-        raise ValueError(f"multi-worker training: the workers found different checkpoints (this one: "
-                         f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
-                         "share, or set VOICEPRINT_RESUME=0")
+        raise DataError(f"multi-worker training: the workers found different checkpoints (this one: "
+                        f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
+                        "share, or set VOICEPRINT_RESUME=0")
 
 
 def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distribution,

@@ -15,6 +15,8 @@ from typing import Sequence
 import keras
 from keras import layers
 
+from voiceprint.errors import DataError
+
 CLIP_VALUE = 20.0          # clipped ReLU min(max(x, 0), 20)
 CONV_L2 = 1e-4             # the original's kernel regulariser on every Conv2D
 
@@ -88,7 +90,7 @@ def build_rescnn(*, filters: Sequence[int] = (64, 128, 256, 512), blocks: int = 
     no ``ln``, and a Dense ``dense`` over speakers that outputs logits (softmax lives in the loss, for stability).
     """
     if num_bands % (2 ** len(filters)):
-        raise ValueError(f"num_bands={num_bands} must be divisible by 2**{len(filters)} (one halving per stage)")
+        raise DataError(f"num_bands={num_bands} must be divisible by 2**{len(filters)} (one halving per stage)")
     inputs = keras.Input((None, num_bands, 1), name="input")
     frames = build_frame_trunk(inputs, filters, blocks)
     pooled = layers.GlobalAveragePooling1D(name="average")(frames)
