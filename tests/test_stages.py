@@ -173,3 +173,37 @@ def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
         assert issubclass(cls, VoiceprintError) and issubclass(cls, FileNotFoundError), cls
     assert issubclass(RegistryError, VoiceprintError)
 
+
+def _resolved_deps(root: Path) -> dict[str, set[str]]:
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    Repo.init(str(root), no_scm=True)
+    with Repo(str(root)) as repo:
+        return {stage.name: {dep.def_path for dep in stage.deps} for stage in repo.index.stages}
+
+
+def test_training_stages_depend_on_the_init_checkpoint_file_they_read_not_the_folder(tmp_path):
+    """Editing checkpoints/README.md, or adding a checkpoint for triplet, must not rerun softmax pre-training."""
+    assert (REPO / "checkpoints/none").is_file()       # the default's dependency exists in a fresh clone
+    for name in ("default", "triplet_init"):
+        (tmp_path / name).mkdir()
+    write_params(tmp_path / "default")
+    deps = _resolved_deps(tmp_path / "default")
+    for stage in ("softmax", "triplet"):
+        assert "checkpoints/none" in deps[stage]
+    write_params(tmp_path / "triplet_init",
+                 triplet={"init_checkpoint": "checkpoints/ResCNN_triplet_training_checkpoint_265.h5"})
+    deps = _resolved_deps(tmp_path / "triplet_init")
+    assert "checkpoints/ResCNN_triplet_training_checkpoint_265.h5" in deps["triplet"]
+    assert not any(d.startswith("checkpoints/Res") for d in deps["softmax"])
+    for stage, paths in deps.items():           # no stage depends on the folder (or README) as a whole
+        assert not any(Path(p) in (Path("checkpoints"), Path("checkpoints/README.md"), Path("."))
+                       for p in paths), stage
+
+
+def test_no_init_checkpoint_means_none():
+    from voiceprint.checkpoint import init_checkpoint_path
+
+    assert init_checkpoint_path("checkpoints/none", "softmax.init_checkpoint") is None
+    assert init_checkpoint_path("", "softmax.init_checkpoint") is None

@@ -351,12 +351,17 @@ def architecture_of(path) -> dict:
 
 
 CHECKPOINT_DIR = Path("checkpoints")
+# The value of an ``*.init_checkpoint`` param that means "no checkpoint". dvc.yaml declares the param's file as
+# the stage's dependency (``${softmax.init_checkpoint}``), and a dependency must be an existing path, so "none"
+# is a file too: a tracked placeholder nobody edits.
+NO_CHECKPOINT = CHECKPOINT_DIR / "none"
 
 
 def init_checkpoint_path(value: str, key: str) -> Path | None:
-    """Validate an ``*.init_checkpoint`` param: empty = train from scratch; otherwise an existing file under
-    ``checkpoints/`` (that folder is a declared DVC dependency, so replacing the file reruns the stage)."""
-    if not value:
+    """Validate an ``*.init_checkpoint`` param: ``checkpoints/none`` (or empty) = no checkpoint; otherwise an
+    existing file under ``checkpoints/`` (declared in dvc.yaml as the stage's dependency, so replacing the file
+    reruns the stage, and nothing else in that folder does)."""
+    if not value or Path(value) == NO_CHECKPOINT:
         return None
     path = Path(value)
     if path.is_absolute() or CHECKPOINT_DIR not in path.parents:
