@@ -79,6 +79,7 @@ def test_swapped_model_file_is_refused(saved, tmp_path):
     (lambda c: c["features"].update(sample_rate="16k"), "features.sample_rate: expected an integer"),
     (lambda c: c["features"].update(frame_ms=25), "features.frame_ms: unknown key"),
     (lambda c: c["features"].update(kind="mfcc"), "features.kind: unknown feature kind"),
+    (lambda c: c["features"].update(vad="webrtc"), r"features.vad: unknown VAD 'webrtc'; valid: energy, original$"),
     (lambda c: c["thresholds"].update(low_far=2.0), r"thresholds.low_far: must lie in \[-1.0, 1.0\]"),
     (lambda c: c.update(embedding_dim=32), "embedding_dim 32"),
     (lambda c: c.update(model_sha256="xyz"), "model_sha256: expected 64 lowercase hex digits"),

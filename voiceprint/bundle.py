@@ -147,8 +147,7 @@ def _text(value, source: str, key: str) -> str:
 
 
 def parse_features(data, source: str, prefix: str = "features.") -> FeatureSettings:
-    from voiceprint import features as features_module
-    from voiceprint.features import FEATURE_KINDS
+    from voiceprint.features import FEATURE_KINDS, VAD_KINDS
 
     data = _mapping(data, source, prefix.rstrip("."))
     _keys(data, source, prefix, ("kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
@@ -158,10 +157,8 @@ def parse_features(data, source: str, prefix: str = "features.") -> FeatureSetti
         raise _fail(source, prefix + "kind",
                     f"unknown feature kind {kind!r}; valid: {', '.join(sorted(FEATURE_KINDS))}")
     vad = _text(data["vad"], source, prefix + "vad") if "vad" in data else None
-    # Before the features module had VAD options it only did the original recipe's trim.
-    vad_kinds = getattr(features_module, "VAD_KINDS", ("original",))
-    if vad is not None and vad not in vad_kinds:
-        raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(vad_kinds))}")
+    if vad is not None and vad not in VAD_KINDS:
+        raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(VAD_KINDS))}")
     return FeatureSettings(
         kind=kind,
         sample_rate=_int(data["sample_rate"], source, prefix + "sample_rate", 1),

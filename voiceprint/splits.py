@@ -10,9 +10,6 @@ import pandas as pd
 
 from voiceprint.errors import VoiceprintError
 
-ROLES = ("train", "validation", "evaluation", "excluded")
-
-
 class SplitError(VoiceprintError, ValueError):
     """The corpus cannot be split as asked (too few speakers or utterances); the message says what was found."""
 
