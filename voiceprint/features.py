@@ -6,7 +6,8 @@ Two feature kinds share one framing convention (25 ms window = 400 samples,
 
 * ``fbank_norm`` -- the original Deep Speaker features, numerically matching
   ``python_speech_features.fbank(signal, 16000, nfilt=64)`` energies followed
-  by per-frame normalisation (see PROTOCOL.md section 2).
+  by per-frame normalisation (the original implementation's ``deep_speaker/audio.py``,
+  https://github.com/philipperemy/deep-speaker).
 * ``logmel_cmn`` -- log-mel energies (Hann window) with per-utterance mean
   normalisation of each band; a more conventional alternative.
 

@@ -295,7 +295,7 @@ def bootstrap_eer_ci(scores, labels, groups_a, groups_b, *, n_boot=200, seed=0, 
 
 
 def original_protocol(embeddings, speakers, *, seed=123, num_negatives=99, thresholds=None):
-    """The original Deep Speaker recipe's evaluation (PROTOCOL.md section 7) — for comparison ONLY.
+    """The original Deep Speaker recipe's evaluation (its ``test.py`` and ``eval_metrics.py``) — for comparison ONLY.
 
     For every speaker with at least 2 utterances, in sorted speaker order: anchor and positive are 2 different
     random utterances of that speaker; ``num_negatives`` negatives are one random utterance each of speakers

@@ -6,7 +6,8 @@ clipped ReLU; the original clips before the add as well). After the last stage t
 reshaped to (time, freq*channels), averaged over time, projected by Dense ``affine`` and L2-normalised (``ln``).
 Time is left unspecified, so one model embeds crops and whole utterances alike.
 
-Names matter: original checkpoints load by layer name (see ../shared/reference/layers.tsv).
+Names matter: original checkpoints load by layer name (the names of the original's ``deep_speaker/conv_models.py``,
+https://github.com/philipperemy/deep-speaker; ``voiceprint/checkpoint.py`` reads them).
 """
 from __future__ import annotations
 
