@@ -73,7 +73,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
                   lr: float, seed: int, distribution: Distribution | None = None,
                   checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
-    Validation loss: fixed P x K batches of the held-out utterances of training speakers.
+    Validation loss: P x K batches of the held-out utterances of training speakers, the same every epoch.
     ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is).
     With several replicas each holds a slice of the P x K batch, and the embeddings are gathered from all replicas
     before mining, so negatives come from the whole global batch exactly as on one device."""
@@ -93,7 +93,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
     val = None
     if len(np.unique(val_lab)) >= 2:
         val = SpeakerBatches(store, val_pos, val_lab, steps=max(1, steps_per_epoch // 5), seed=seed + 1,
-                             **batches)
+                             shuffle=False, **batches)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
                    verbose=verbose)
     _copy_weights(trainer, model)
@@ -372,7 +372,8 @@ def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: i
     if loss in CLASSIFICATION:
         return ArrayBatches(x, y, batch_size=batch_size, seed=seed, shuffle=shuffle)
     return VectorSpeakerBatches(x, y, speakers_per_batch=max(2, batch_size // utterances_per_speaker),
-                                utterances_per_speaker=utterances_per_speaker, steps=steps, seed=seed)
+                                utterances_per_speaker=utterances_per_speaker, steps=steps, seed=seed,
+                                shuffle=shuffle)
 
 
 def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_size: int,
@@ -383,7 +384,7 @@ def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_siz
                                      shuffle=shuffle)
     return SpeakerBatches(store, positions, labels, frames=frames, steps=steps, seed=seed,
                           speakers_per_batch=max(2, batch_size // utterances_per_speaker),
-                          utterances_per_speaker=utterances_per_speaker)
+                          utterances_per_speaker=utterances_per_speaker, shuffle=shuffle)
 
 
 def fit_head(head: keras.Model, train, val, *, loss: str, num_classes: int, lr: float, epochs: int,
