@@ -329,9 +329,11 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, k
     base+head as one model (features -> L2-normalised head embedding).
 
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
-    the head trains on those arrays. ``train_trunk``: the trunk trains jointly, at ``trunk_lr``, on fresh crops
-    every batch (much slower; the base model file itself is never changed).
+    the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
+    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
     """
+    if train_trunk:
+        base = _trainable_copy(base)
     tap = head_tap(kind)
     source = tap_model(base, tap)
     train_pos, train_lab = _roles(store, split, "train")
@@ -363,6 +365,23 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, k
                        alpha=alpha, margin=margin, scale=scale)
     base.trainable = False
     return Trained(attach_head(base, head, tap), history, head)
+
+
+def _trainable_copy(model: keras.Model) -> keras.Model:
+    """A trainable copy of ``model`` with its weights (and dropout seed state), to train without touching it.
+    Its layers are built trainable even where ``model``'s are frozen: a variable created frozen never trains."""
+
+    def rebuild(layer):
+        config = layer.get_config()
+        config["trainable"] = True
+        return layer.__class__.from_config(config)
+
+    draws = random.getstate()       # building layers draws default seeds from Python's random: leave it as it was
+    copy_ = keras.models.clone_model(model, clone_function=rebuild)
+    random.setstate(draws)
+    for source, target in zip(model.variables, copy_.variables):
+        target.assign(source)
+    return copy_
 
 
 def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: int, steps: int, seed: int,
