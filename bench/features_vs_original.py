@@ -7,7 +7,7 @@ DIR defaults to <shared>/data/librispeech-mini (<shared> = $VOICEPRINT_SHARED or
 
 Per file, one process, one BLAS thread:
   original   librosa.load(sr=16000) -> 95th-percentile trim (np.percentile) -> python_speech_features.fbank(nfilt=64)
-             -> the original per-frame normalisation loop (PROTOCOL.md section 2)
+             -> the original per-frame normalisation loop (deep_speaker/audio.py)
   ours       load_audio -> trim_silence_original -> fbank_original (the same features)
   ours+mfcc  featurize_file(path, "fbank_norm"): the above plus the MFCC-statistics baseline vector the pipeline
              also stores (the original has no such vector)

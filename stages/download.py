@@ -6,8 +6,9 @@ returns the manifest plus metrics of its own.
 import pandas as pd
 
 from voiceprint.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
+from voiceprint.errors import DataError
 from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import Params, load_params
+from voiceprint.params import Params, ParamsError, load_params
 from voiceprint.runtime import default_workers
 from voiceprint.stage import run_stage
 
@@ -53,15 +54,15 @@ def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
     rejected.csv (every file found but not usable as a recording, with its reason)."""
     source = data.str("folder")
     if not source:
-        raise ValueError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
-                         "(path,speaker) for data.source=folder")
+        raise DataError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
+                        "(path,speaker) for data.source=folder")
     manifest, rejected = folder.scan(source)
     rejected.to_csv(raw / "rejected.csv", index=False, lineterminator="\n")
     for row in rejected.itertuples():
         print(f"  left out {row.path}: {row.reason}: {row.message}")
     if manifest.empty:
-        raise ValueError(f"data.folder: {source}: no usable recordings found ({len(rejected)} file(s) left out, "
-                         "listed above)")
+        raise DataError(f"data.folder: {source}: no usable recordings found ({len(rejected)} file(s) left out, "
+                        "listed above)")
     reasons = rejected.reason.value_counts().sort_index().to_dict()
     return manifest, {"left_out": len(rejected), "left_out_by_reason": reasons}
 
@@ -77,10 +78,10 @@ def add_synthetic(data: Params, source: str, raw, manifest: pd.DataFrame) -> tup
     if extra == 0:
         return manifest, {}
     if source == "synthetic":
-        raise ValueError("params.yaml: data.add_synthetic_speakers: adds synthetic speakers to a real source; "
+        raise ParamsError("params.yaml: data.add_synthetic_speakers: adds synthetic speakers to a real source; "
                          "with data.source synthetic use data.speakers")
     if extra < 2:
-        raise ValueError(f"params.yaml: data.add_synthetic_speakers: must be 0 or >= 2, got {extra}")
+        raise ParamsError(f"params.yaml: data.add_synthetic_speakers: must be 0 or >= 2, got {extra}")
     added, _ = build_synthetic(data, raw / "synthetic", speakers=extra)
     prefix = f"synthetic{ADDED_SEPARATOR}"
     added = added.assign(path="synthetic/" + added.path, speaker=prefix + added.speaker,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from voiceprint.errors import DataError
 from voiceprint.features import FEATURE_KINDS, VAD_KINDS, featurize_many
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import load_params
@@ -62,10 +63,10 @@ def main() -> None:
         enough = int((usable >= MIN_UTTERANCES).sum())
         if enough < 2:
             found = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "none"
-            raise ValueError(f"too little usable audio: {len(index)} of {len(manifest)} files usable, "
-                             f"{enough} speaker(s) with >= {MIN_UTTERANCES} utterances (need 2); "
-                             f"{len(rejected)} file(s) rejected (by reason: {found}), listed above; "
-                             f"{len(too_few)} of {len(usable)} speaker(s) have fewer than {MIN_UTTERANCES}")
+            raise DataError(f"too little usable audio: {len(index)} of {len(manifest)} files usable, "
+                            f"{enough} speaker(s) with >= {MIN_UTTERANCES} utterances (need 2); "
+                            f"{len(rejected)} file(s) rejected (by reason: {found}), listed above; "
+                            f"{len(too_few)} of {len(usable)} speaker(s) have fewer than {MIN_UTTERANCES}")
     elapsed = time.perf_counter() - started
     write_metrics("metrics/features.json", {
         "utterances_in": len(manifest), "utterances_kept": len(index), "rejected": len(rejected),

@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 
 from voiceprint import api  # noqa: E402
 from voiceprint.audio import AudioError  # noqa: E402
-from voiceprint.bundle import BundleError, ThresholdError, save_bundle  # noqa: E402
+from voiceprint.bundle import ThresholdError, save_bundle  # noqa: E402
 from voiceprint.corpus.synthetic import generate  # noqa: E402
 from voiceprint.embedding import embed_features, embed_utterances  # noqa: E402
 from voiceprint.features import featurize_file  # noqa: E402
@@ -197,24 +197,21 @@ def test_audio_files_takes_every_decodable_type_and_follows_links_once(tmp_path)
     assert skipped == [top / "notes.txt"] and set(api.AUDIO_SUFFIXES) == AUDIO_EXTENSIONS
 
 
-def test_vad_is_passed_only_where_featurize_file_takes_it(rec, corpus, monkeypatch):
+def test_the_bundles_vad_reaches_featurize_file(rec, corpus, monkeypatch):
     import voiceprint.features as F
 
     calls = []
 
-    def old_featurize_file(path, kind, sample_rate=16000, min_seconds=0.0):   # before the vad option existed
-        calls.append({"sample_rate": sample_rate, "min_seconds": min_seconds})
+    def recording_featurize_file(path, kind, **kwargs):
+        calls.append(kwargs)
         return np.zeros((50, 64), np.float32), np.zeros(40, np.float32)
 
-    monkeypatch.setattr(F, "featurize_file", old_featurize_file)
-    old = api.Recognizer(rec.bundle)
-    old.features(corpus[1].file[0])
-    assert calls == [{"sample_rate": 16000, "min_seconds": 0.5}]
-    energy = dataclasses.replace(rec.bundle, features=dataclasses.replace(rec.bundle.features, vad="energy"))
-    with pytest.raises(BundleError, match="needs vad='energy'"):
-        api.Recognizer(energy)
-    monkeypatch.undo()
-    assert api.Recognizer(rec.bundle)._featurize_kwargs["vad"] == "original"
+    monkeypatch.setattr(F, "featurize_file", recording_featurize_file)
+    features = rec.bundle.features
+    for vad, expected in (("energy", {"vad": "energy"}), ("original", {"vad": "original"}), (None, {})):
+        bundle = dataclasses.replace(rec.bundle, features=dataclasses.replace(features, vad=vad))
+        api.Recognizer(bundle).features(corpus[1].file[0])
+        assert calls.pop() == {"sample_rate": 16000, "min_seconds": 0.5, **expected}
 
 
 # ------------------------------------------------------------------------------------------------ AS-norm bundles

@@ -82,6 +82,7 @@ def test_swapped_model_file_is_refused(saved, tmp_path):
     (lambda c: c["features"].update(sample_rate=10**7), r"features.sample_rate: expected an integer in \[8000, "),
     (lambda c: c["features"].update(min_seconds=float("nan")), "features.min_seconds: expected a finite number"),
     (lambda c: c["features"].update(kind="mfcc"), "features.kind: unknown feature kind"),
+    (lambda c: c["features"].update(vad="webrtc"), r"features.vad: unknown VAD 'webrtc'; valid: energy, original$"),
     (lambda c: c["thresholds"].update(low_far=2.0), r"thresholds.low_far: must lie in \[-1.0, 1.0\]"),
     (lambda c: c.update(embedding_dim=32), "embedding_dim 32"),
     (lambda c: c.update(model_sha256="xyz"), "model_sha256: expected 64 lowercase hex digits"),

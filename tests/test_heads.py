@@ -185,3 +185,22 @@ def test_paired_interval_of_the_eer_difference():
     assert deltas["head_minus_base_eer_ci95_low"] > 0 and "significantly worse" in lines[0]
     assert deltas["head_minus_base_eer_ci95_low"] <= deltas["head_minus_base_eer"] <= \
         deltas["head_minus_base_eer_ci95_high"]
+
+
+def test_paired_interval_refuses_fewer_replicates_than_asked_like_the_eer_interval():
+    """4 speakers; target trials only between s0 and s1, non-target trials only between s2 and s3: a replicate is
+    usable only when its draw holds all four (4!/4^4 = 9.4% of draws). Here the 10 x n_boot draws give 191 usable
+    replicates of the 200 asked: the paired interval used to be computed from them without a word."""
+    import pandas as pd
+
+    from voiceprint.errors import VoiceprintError
+    from voiceprint.evaluation import paired_eer_difference_ci
+
+    rows = [("s0", "s1", 1)] * 20 + [("s2", "s3", 0)] * 20
+    trials = pd.DataFrame(rows, columns=["enroll_speaker", "test_speaker", "label"])
+    labels = trials.label.to_numpy()
+    scores = labels + np.random.default_rng(0).normal(0, 1.0, len(labels))
+    with pytest.raises(ValueError, match="too few speakers"):
+        metrics.bootstrap_eer_ci(scores, labels, trials.enroll_speaker, trials.test_speaker, n_boot=200, seed=1)
+    with pytest.raises(VoiceprintError, match=r"only 191 of 200 replicates"):
+        paired_eer_difference_ci(scores, scores[::-1].copy(), trials, n_boot=200, seed=1)

@@ -21,7 +21,7 @@ def test_small_rescnn_shapes_and_normalisation():
 
 def test_full_size_matches_original_parameter_count():
     emb, clf = build_rescnn(num_classes=100)
-    assert emb.count_params() == 24_185_728          # PROTOCOL.md section 4
+    assert emb.count_params() == 24_185_728          # the original's DeepSpeakerModel (deep_speaker/conv_models.py)
     assert clf.count_params() - emb.count_params() == 51_300
 
 

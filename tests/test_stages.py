@@ -184,3 +184,85 @@ def test_folder_source_lists_what_it_leaves_out(tmp_path):
     assert sorted(rejected.reason) == ["duplicate", "not_audio"]
     metrics = json.loads((tmp_path / "metrics/download.json").read_text())
     assert metrics["left_out_by_reason"] == {"duplicate": 1, "not_audio": 1}
+
+
+def test_run_stage_reports_project_errors_in_one_line_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
+    from voiceprint.errors import DataError, VoiceprintError
+    from voiceprint.stage import TRACEBACK_ENV_VAR, run_stage as run
+    from voiceprint.store import UnknownUtteranceError
+
+    def fails_with(exc):
+        def main():
+            raise exc
+        return main
+
+    monkeypatch.delenv(TRACEBACK_ENV_VAR, raising=False)
+    for exc, line in [(DataError("data/raw: too little usable audio"), "data/raw: too little usable audio"),
+                      (UnknownUtteranceError("utterance 'u1' is not in the feature store"),
+                       "utterance 'u1' is not in the feature store")]:
+        with pytest.raises(SystemExit) as exit_:
+            run(fails_with(exc))
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err == f"error: stage test_stages: {line}\n"
+    # A bug deep in a library (pandas, Keras) is no project error: it keeps its traceback.
+    for bug in (ValueError("cannot reshape array"), KeyError("column"), FileNotFoundError("libfoo.so")):
+        with pytest.raises(type(bug)):
+            run(fails_with(bug))
+        assert capsys.readouterr().err == ""
+    monkeypatch.setenv(TRACEBACK_ENV_VAR, "1")     # and a project error's traceback on request
+    with pytest.raises(VoiceprintError):
+        run(fails_with(DataError("x")))
+
+
+def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
+    from voiceprint.api import InputError
+    from voiceprint.audio import AudioError
+    from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
+    from voiceprint.checkpoint import CheckpointError
+    from voiceprint.errors import MissingFileError, VoiceprintError
+    from voiceprint.fetch import FetchError
+    from voiceprint.params import ParamsError
+    from voiceprint.registry import RegistryError
+    from voiceprint.splits import SplitError
+
+    for cls in (ParamsError, AudioError, SplitError, InputError, CheckpointError, BundleError, ThresholdError,
+                FetchError):
+        assert issubclass(cls, VoiceprintError) and issubclass(cls, ValueError), cls
+    for cls in (ModelNotFoundError, MissingFileError):
+        assert issubclass(cls, VoiceprintError) and issubclass(cls, FileNotFoundError), cls
+    assert issubclass(RegistryError, VoiceprintError)
+
+
+def _resolved_deps(root: Path) -> dict[str, set[str]]:
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    Repo.init(str(root), no_scm=True)
+    with Repo(str(root)) as repo:
+        return {stage.name: {dep.def_path for dep in stage.deps} for stage in repo.index.stages}
+
+
+def test_training_stages_depend_on_the_init_checkpoint_file_they_read_not_the_folder(tmp_path):
+    """Editing checkpoints/README.md, or adding a checkpoint for triplet, must not rerun softmax pre-training."""
+    assert (REPO / "checkpoints/none").is_file()       # the default's dependency exists in a fresh clone
+    for name in ("default", "triplet_init"):
+        (tmp_path / name).mkdir()
+    write_params(tmp_path / "default")
+    deps = _resolved_deps(tmp_path / "default")
+    for stage in ("softmax", "triplet"):
+        assert "checkpoints/none" in deps[stage]
+    write_params(tmp_path / "triplet_init",
+                 triplet={"init_checkpoint": "checkpoints/ResCNN_triplet_training_checkpoint_265.h5"})
+    deps = _resolved_deps(tmp_path / "triplet_init")
+    assert "checkpoints/ResCNN_triplet_training_checkpoint_265.h5" in deps["triplet"]
+    assert not any(d.startswith("checkpoints/Res") for d in deps["softmax"])
+    for stage, paths in deps.items():           # no stage depends on the folder (or README) as a whole
+        assert not any(Path(p) in (Path("checkpoints"), Path("checkpoints/README.md"), Path("."))
+                       for p in paths), stage
+
+
+def test_no_init_checkpoint_means_none():
+    from voiceprint.checkpoint import init_checkpoint_path
+
+    assert init_checkpoint_path("checkpoints/none", "softmax.init_checkpoint") is None
+    assert init_checkpoint_path("", "softmax.init_checkpoint") is None

@@ -96,9 +96,10 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
     base_weights = _weights(base)
     joint = train_head(base, store, split, kind="dense", loss="softmax", epochs=1,
                        **{**HEAD, "train_trunk": True})
-    trunk_after = _weights(base)
-    assert trunk_after != base_weights            # the trunk trained jointly (a copy is saved with the head) ...
-    assert joint.model.get_layer("rescnn") is base and not base.trainable     # ... and is frozen again
+    trunk = joint.model.get_layer("rescnn")
+    assert trunk is not base and _weights(trunk) != base_weights    # a copy of the trunk trained jointly ...
+    assert not trunk.trainable                                      # ... and is frozen again in the result
+    assert _weights(base) == base_weights                           # the caller's base did not move
 
 
 def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
@@ -116,3 +117,63 @@ def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
                             init_checkpoint=tmp_path / "init.h5", **TINY_MODEL)
     kernel = trained.model.get_layer("affine").kernel
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(source.get_layer("affine").kernel), atol=1e-6)
+
+
+def test_speaker_batches_without_shuffle_are_the_same_every_epoch(tiny):
+    from voiceprint.batching import SpeakerBatches, VectorSpeakerBatches
+
+    store, split = tiny
+    rows = split[split.role == "train"]
+    positions, labels = store.position(rows.utterance), rows.label.to_numpy()
+    vectors = np.random.default_rng(0).normal(size=(len(labels), 5))
+    settings = dict(speakers_per_batch=3, utterances_per_speaker=2, steps=3, seed=4)
+    makers = (lambda **kw: SpeakerBatches(store, positions, labels, frames=32, **settings, **kw),
+              lambda **kw: VectorSpeakerBatches(vectors, labels, **settings, **kw))
+    for make in makers:
+        fixed, shuffled = make(shuffle=False), make()
+        before = [fixed[i] for i in range(3)], [shuffled[i] for i in range(3)]
+        fixed.on_epoch_end()
+        shuffled.on_epoch_end()
+        for i in range(3):
+            np.testing.assert_array_equal(fixed[i][0], before[0][i][0])
+            np.testing.assert_array_equal(fixed[i][1], before[0][i][1])
+        assert any(not np.array_equal(shuffled[i][0], before[1][i][0]) for i in range(3))
+
+    # Training batches are drawn from (seed, epoch, batch) as before, so default results stay bit-identical.
+    batches = VectorSpeakerBatches(vectors, labels, **settings)
+    batches.epoch = 3
+    rng = np.random.default_rng([4, 3, 1])
+    speakers = rng.choice(batches.classes, size=3, replace=False)
+    picked = np.concatenate([rng.choice(batches.by_speaker[int(s)], size=2,
+                                        replace=len(batches.by_speaker[int(s)]) < 2) for s in speakers])
+    np.testing.assert_array_equal(batches[1][0], vectors[picked])
+    np.testing.assert_array_equal(batches[1][1], np.repeat(speakers, 2))
+
+
+def test_triplet_validation_batches_are_fixed_across_epochs(tiny, monkeypatch):
+    import voiceprint.training as T
+
+    store, split = tiny
+    seen = {}
+
+    def fit(trainer, train, val, **kwargs):
+        seen["train"], seen["val"] = train, val
+        return pd.DataFrame({"epoch": [1], "loss": [0.0]})
+
+    monkeypatch.setattr(T, "_fit", fit)
+    configure_tensorflow(1)
+    model, _ = T.build_rescnn(filters=TINY_MODEL["filters"], blocks=1, embedding_dim=8, num_bands=64)
+    T.train_triplet(model, store, split, alpha=0.5, epochs=2, steps_per_epoch=5, speakers_per_batch=2,
+                    utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
+    val, train = seen["val"], seen["train"]
+    first = T._at_counter(val, T._validation_counter(0))[0]
+    second = T._at_counter(val, T._validation_counter(1))[0]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(T._at_counter(train, T._train_counter(0))[0][0],
+                              T._at_counter(train, T._train_counter(1))[0][0])
+
+    # the same for a triplet-loss head: its validation batches come from array_batches(shuffle=False)
+    head_val = T.array_batches(np.zeros((8, 3)), np.repeat([0, 1], 4), loss="triplet", batch_size=4,
+                               utterances_per_speaker=2, steps=1, seed=2, shuffle=False)
+    assert head_val.shuffle is False

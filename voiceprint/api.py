@@ -23,7 +23,6 @@ The CLI (``voiceprint.cli``) is a thin layer over this module.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 
 from voiceprint.audio import AUDIO_EXTENSIONS
 from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
+from voiceprint.errors import VoiceprintError
 from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_scores, rank_speakers
 from voiceprint.score_norm import as_norm_matrix
 
@@ -43,7 +43,7 @@ UNKNOWN = "unknown"
 FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded memory, batched model calls
 
 
-class InputError(ValueError):
+class InputError(VoiceprintError, ValueError):
     """The inputs name nothing usable (e.g. a directory without audio files)."""
 
 
@@ -193,14 +193,8 @@ class Recognizer:
         self._featurize = featurize_file
         settings = self.bundle.features
         self._featurize_kwargs = {"sample_rate": settings.sample_rate, "min_seconds": settings.min_seconds}
-        if settings.vad is not None:
-            if "vad" in inspect.signature(featurize_file).parameters:
-                self._featurize_kwargs["vad"] = settings.vad
-            elif settings.vad != "original":
-                # Before featurize_file had a vad option it only did the original trim: anything else would give
-                # features unlike the ones the model was calibrated on.
-                raise BundleError(f"model {self.bundle.path} needs vad={settings.vad!r}, which this version of "
-                                 "voiceprint.features.featurize_file does not offer")
+        if settings.vad is not None:        # a bundle without one predates the option: featurize_file's default
+            self._featurize_kwargs["vad"] = settings.vad
 
     @property
     def model_sha256(self) -> str:

@@ -21,6 +21,8 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 
+from voiceprint.errors import VoiceprintError
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioError",
@@ -62,7 +64,7 @@ AUDIO_EXTENSIONS = frozenset(
 FULL_SCALE = 32767.0 / 32768.0
 
 
-class AudioError(ValueError):
+class AudioError(VoiceprintError, ValueError):
     """A file that cannot be used as speech audio.
 
     Attributes:

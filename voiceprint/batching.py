@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import keras
 
+from voiceprint.errors import DataError
 from voiceprint.store import FeatureStore
 
 
@@ -59,17 +60,20 @@ class ClassificationBatches(keras.utils.PyDataset):
 
 class _SpeakerBatches(keras.utils.PyDataset):
     """P speakers x K items per batch (K drawn without replacement when a speaker has enough); ``items[j]`` is
-    the store position or vector row of the j-th labelled example. Subclasses turn items into inputs."""
+    the store position or vector row of the j-th labelled example. Subclasses turn items into inputs.
+
+    Batch i of an epoch is drawn from (seed, epoch, i). With ``shuffle=False`` it is drawn from (seed, i) alone:
+    the same batches every epoch, a stable validation set."""
 
     def __init__(self, items, labels, *, speakers_per_batch: int, utterances_per_speaker: int, steps: int,
-                 seed: int):
+                 seed: int, shuffle: bool = True):
         super().__init__(workers=1, use_multiprocessing=False)
-        self.seed, self.steps, self.k = seed, steps, utterances_per_speaker
+        self.seed, self.steps, self.k, self.shuffle = seed, steps, utterances_per_speaker, shuffle
         items, labels = np.asarray(items), np.asarray(labels)
         self.by_speaker = {int(c): items[labels == c] for c in np.unique(labels)}
         self.classes = np.array(sorted(self.by_speaker))
         if len(self.classes) < 2:
-            raise ValueError("speaker batches need at least 2 training speakers")
+            raise DataError("speaker batches need at least 2 training speakers")
         self.p = min(speakers_per_batch, len(self.classes))
         self.epoch = 0
 
@@ -77,7 +81,7 @@ class _SpeakerBatches(keras.utils.PyDataset):
         return self.steps
 
     def _draw(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, self.epoch, i] if self.shuffle else [self.seed, i])
         speakers = rng.choice(self.classes, size=self.p, replace=False)
         items = np.concatenate([rng.choice(self.by_speaker[int(s)], size=self.k,
                                            replace=len(self.by_speaker[int(s)]) < self.k) for s in speakers])

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from voiceprint.errors import VoiceprintError
 from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
 
 MODEL_FILE = "model.keras"
@@ -44,15 +45,15 @@ DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 1600
                     "min_seconds": 0.5, "window_frames": 0, "hop_frames": 80}
 
 
-class BundleError(ValueError):
+class BundleError(VoiceprintError, ValueError):
     """A bundle that cannot be used (bad calibration.json, swapped model file, wrong shapes); names the file."""
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(VoiceprintError, FileNotFoundError):
     """No model at the given path."""
 
 
-class ThresholdError(ValueError):
+class ThresholdError(VoiceprintError, ValueError):
     """A threshold that is neither a calibrated name nor a score (a cosine in [-1, 1] unless AS-norm)."""
 
 
@@ -173,8 +174,7 @@ def _sample_rate(value, source: str, key: str) -> int:
 
 
 def parse_features(data, source: str, prefix: str = "features.") -> FeatureSettings:
-    from voiceprint import features as features_module
-    from voiceprint.features import FEATURE_KINDS
+    from voiceprint.features import FEATURE_KINDS, VAD_KINDS
 
     data = _mapping(data, source, prefix.rstrip("."))
     _keys(data, source, prefix, ("kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
@@ -184,10 +184,8 @@ def parse_features(data, source: str, prefix: str = "features.") -> FeatureSetti
         raise _fail(source, prefix + "kind",
                     f"unknown feature kind {kind!r}; valid: {', '.join(sorted(FEATURE_KINDS))}")
     vad = _text(data["vad"], source, prefix + "vad") if "vad" in data else None
-    # Before the features module had VAD options it only did the original recipe's trim.
-    vad_kinds = getattr(features_module, "VAD_KINDS", ("original",))
-    if vad is not None and vad not in vad_kinds:
-        raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(vad_kinds))}")
+    if vad is not None and vad not in VAD_KINDS:
+        raise _fail(source, prefix + "vad", f"unknown VAD {vad!r}; valid: {', '.join(sorted(VAD_KINDS))}")
     return FeatureSettings(
         kind=kind,
         sample_rate=_sample_rate(data["sample_rate"], source, prefix + "sample_rate"),

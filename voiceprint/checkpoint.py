@@ -46,6 +46,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from voiceprint.errors import MissingFileError, VoiceprintError
+
 __all__ = ["CLASSIFIER_LAYER", "CheckpointError", "FileLayer", "ImportReport", "export_original_weights",
            "import_original_weights", "read_original_layout"]
 
@@ -60,7 +62,7 @@ _HDF5_ATTR_LIMIT = 64512          # tf-keras splits string-list attrs above this
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VoiceprintError, ValueError):
     """A checkpoint that cannot be read, or does not fit the model; the message names the file."""
 
 
@@ -122,7 +124,7 @@ def _read_str_list(group, name: str) -> list[str] | None:
 
 def _open(path: Path) -> h5py.File:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise MissingFileError(f"checkpoint {path} not found")
     with open(path, "rb") as fh:
         if fh.read(2) == _GZIP_MAGIC:
             raise CheckpointError(f"{path}: gzip-compressed; gunzip it first")
@@ -349,19 +351,24 @@ def architecture_of(path) -> dict:
 
 
 CHECKPOINT_DIR = Path("checkpoints")
+# The value of an ``*.init_checkpoint`` param that means "no checkpoint". dvc.yaml declares the param's file as
+# the stage's dependency (``${softmax.init_checkpoint}``), and a dependency must be an existing path, so "none"
+# is a file too: a tracked placeholder nobody edits.
+NO_CHECKPOINT = CHECKPOINT_DIR / "none"
 
 
 def init_checkpoint_path(value: str, key: str) -> Path | None:
-    """Validate an ``*.init_checkpoint`` param: empty = train from scratch; otherwise an existing file under
-    ``checkpoints/`` (that folder is a declared DVC dependency, so replacing the file reruns the stage)."""
-    if not value:
+    """Validate an ``*.init_checkpoint`` param: ``checkpoints/none`` (or empty) = no checkpoint; otherwise an
+    existing file under ``checkpoints/`` (declared in dvc.yaml as the stage's dependency, so replacing the file
+    reruns the stage, and nothing else in that folder does)."""
+    if not value or Path(value) == NO_CHECKPOINT:
         return None
     path = Path(value)
     if path.is_absolute() or CHECKPOINT_DIR not in path.parents:
         raise CheckpointError(f"{key}: {value!r} must be a relative path inside {CHECKPOINT_DIR}/ "
                               "(copy the file there so DVC tracks it)")
     if not path.is_file():
-        raise FileNotFoundError(f"{key}: checkpoint file {value} not found")
+        raise MissingFileError(f"{key}: checkpoint file {value} not found")
     return path
 
 

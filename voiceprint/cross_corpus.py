@@ -15,6 +15,7 @@ import pandas as pd
 
 from voiceprint.audio import AUDIO_EXTENSIONS
 from voiceprint.corpus import folder
+from voiceprint.errors import DataError
 from voiceprint.features import featurize_many
 from voiceprint.splits import make_trials
 
@@ -59,7 +60,7 @@ def load_eval_set(source: str | Path, *, kind: str, vad: str, sample_rate: int, 
         keep.append(i)
     used = manifest.iloc[keep].reset_index(drop=True)
     if used.speaker.nunique() < 2:
-        raise ValueError(f"{source}: cross-corpus set needs recordings of at least 2 speakers; "
+        raise DataError(f"{source}: cross-corpus set needs recordings of at least 2 speakers; "
                          f"found {used.speaker.nunique()} ({len(rejected)} file(s) left out)")
     table = pd.DataFrame({"utterance": used.utterance, "speaker": used.speaker, "role": "evaluation"})
     trials = make_trials(table, max_nontarget=max_nontarget, seed=seed)

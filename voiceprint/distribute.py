@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from voiceprint.errors import DataError
+
 STRATEGIES = ("auto", "mirrored", "multi_worker")
 TASK_TYPES = ("chief", "worker")        # the roles MultiWorkerMirroredStrategy knows (no parameter servers)
 TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -55,27 +57,27 @@ def read_tf_config(environ=None) -> tuple[dict, str, int]:
     """``(cluster, task type, task index)`` from the ``TF_CONFIG`` environment variable, validated."""
     raw = (os.environ if environ is None else environ).get("TF_CONFIG", "")
     if not raw.strip():
-        raise ValueError("train.strategy multi_worker needs the TF_CONFIG environment variable (JSON describing "
-                         f"the cluster and this process's task), e.g. TF_CONFIG='{TF_CONFIG_EXAMPLE}'")
+        raise DataError("train.strategy multi_worker needs the TF_CONFIG environment variable (JSON describing "
+                        f"the cluster and this process's task), e.g. TF_CONFIG='{TF_CONFIG_EXAMPLE}'")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({exc}); expected e.g. {TF_CONFIG_EXAMPLE}") from None
+        raise DataError(f"TF_CONFIG is not valid JSON ({exc}); expected e.g. {TF_CONFIG_EXAMPLE}") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     if (not isinstance(cluster, dict) or not cluster or set(cluster) - set(TASK_TYPES)
             or any(not isinstance(hosts, list) or not hosts
                    or any(not isinstance(h, str) or ":" not in h for h in hosts) for hosts in cluster.values())):
-        raise ValueError(f'TF_CONFIG "cluster" must map {" and/or ".join(TASK_TYPES)} to lists of "host:port" '
-                         f"addresses; got {cluster!r}")
+        raise DataError(f'TF_CONFIG "cluster" must map {" and/or ".join(TASK_TYPES)} to lists of "host:port" '
+                        f"addresses; got {cluster!r}")
     if len(cluster.get("chief", [])) > 1:
-        raise ValueError(f'TF_CONFIG "cluster": at most one chief, got {cluster["chief"]!r}')
+        raise DataError(f'TF_CONFIG "cluster": at most one chief, got {cluster["chief"]!r}')
     task = config.get("task")
     kind = task.get("type") if isinstance(task, dict) else None
     index = task.get("index") if isinstance(task, dict) else None
     if kind not in cluster or isinstance(index, bool) or not isinstance(index, int) \
             or not 0 <= index < len(cluster[kind]):
-        raise ValueError(f'TF_CONFIG "task" must name a task of the cluster ({", ".join(cluster)}) and a valid '
-                         f"index, e.g. {{\"type\": \"worker\", \"index\": 0}}; got {task!r}")
+        raise DataError(f'TF_CONFIG "task" must name a task of the cluster ({", ".join(cluster)}) and a valid '
+                        f"index, e.g. {{\"type\": \"worker\", \"index\": 0}}; got {task!r}")
     return cluster, kind, index
 
 
@@ -122,7 +124,7 @@ def resolve_precision(mixed_precision: bool, *, gpus: int, flags: set[str] | Non
 def make_distribution(strategy: str, *, mixed_precision: bool = False) -> Distribution:
     """The distribution ``train.strategy`` names (see the module docstring)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"train.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        raise DataError(f"train.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     import tensorflow as tf
 
     precision = resolve_precision(mixed_precision, gpus=len(tf.config.list_physical_devices("GPU")))

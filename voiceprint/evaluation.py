@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from voiceprint import metrics
+from voiceprint.errors import DataError
 
 
 def cosine_scores(embeddings: np.ndarray, utterances, trials: pd.DataFrame) -> np.ndarray:
@@ -92,8 +93,10 @@ def paired_eer_difference_ci(scores: np.ndarray, base_scores: np.ndarray, trials
         if not (weights[labels == 1].any() and weights[labels == 0].any()):
             continue
         differences.append(metrics.eer(scores, labels, weights)[0] - metrics.eer(base_scores, labels, weights)[0])
-    if not differences:
-        raise ValueError("too few speakers for a speaker-level bootstrap of the EER difference")
+    if len(differences) < n_boot:       # as metrics.bootstrap_eer_ci: never an interval from fewer replicates
+        raise DataError(f"paired bootstrap: only {len(differences)} of {n_boot} replicates in {10 * n_boot} draws had "
+                        "both target and non-target trials; too few speakers for a speaker-level bootstrap of the "
+                        "EER difference")
     low, high = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 

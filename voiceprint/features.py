@@ -6,7 +6,8 @@ Two feature kinds share one framing convention (25 ms window = 400 samples,
 
 * ``fbank_norm`` -- the original Deep Speaker features, numerically matching
   ``python_speech_features.fbank(signal, 16000, nfilt=64)`` energies followed
-  by per-frame normalisation (see PROTOCOL.md section 2).
+  by per-frame normalisation (the original implementation's ``deep_speaker/audio.py``,
+  https://github.com/philipperemy/deep-speaker).
 * ``logmel_cmn`` -- log-mel energies (Hann window) with per-utterance mean
   normalisation of each band; a more conventional alternative.
 
@@ -45,6 +46,7 @@ import numpy as np
 import scipy.fft
 
 from voiceprint.audio import AudioError, ChunkedAudio, decode, open_audio
+from voiceprint.errors import WorkerDiedError
 
 __all__ = [
     "FRAME_LEN",
@@ -1136,7 +1138,7 @@ def featurize_many(
     limit); otherwise a process pool of ``workers`` processes
     (``start_method``: None = the platform default context, or 'fork',
     'spawn', 'forkserver').  ``kind`` and ``vad`` are validated up front (ValueError).
-    A worker that dies (kill -9, the out-of-memory killer, a crash) raises ChildProcessError naming the file it
+    A worker that dies (kill -9, the out-of-memory killer, a crash) raises WorkerDiedError naming the file it
     was on: a concurrent.futures pool reports a lost worker, where multiprocessing.Pool waited forever.
     """
     _check_kind(kind)
@@ -1177,7 +1179,7 @@ def featurize_many(
         except BrokenProcessPool:
             pool.shutdown(wait=True, cancel_futures=True)   # every worker has exited: the slots are final
             lost = ", ".join(paths[i] for i in slots if i >= 0) or "(none: it died between files)"
-            raise ChildProcessError(f"a features worker process died (killed: out of memory, kill -9, or a "
+            raise WorkerDiedError(f"a features worker process died (killed: out of memory, kill -9, or a "
                                     f"crash) while processing {lost}") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 import voiceprint
+from voiceprint.errors import VoiceprintError
 from voiceprint.outputs import write_text
 
 DOWNLOADS_ENV = "VOICEPRINT_DOWNLOADS"
@@ -44,9 +45,9 @@ USER_AGENT = f"voiceprint/{voiceprint.__version__} (+python urllib)"
 SpaceNeed = tuple[Path, int, str]
 
 
-class FetchError(ValueError):
+class FetchError(VoiceprintError, ValueError):
     """A download or archive cannot be used; the message names the URL or file and the reason.
-    A ValueError, so stage scripts report it in one line like other bad input."""
+    A VoiceprintError, so stage scripts report it in one line like other bad input."""
 
 
 class ChecksumMismatch(FetchError):

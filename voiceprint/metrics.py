@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from voiceprint.errors import DataError
+
 __all__ = [
     "roc_curve",
     "eer",
@@ -280,8 +282,8 @@ def bootstrap_eer_ci(scores, labels, groups_a, groups_b, *, n_boot=200, seed=0, 
     while len(eers) < n_boot:
         draws += 1
         if draws > 10 * int(n_boot):
-            raise ValueError("bootstrap keeps drawing samples without target or non-target trials; "
-                             "too few speakers for a speaker-level bootstrap")
+            raise DataError("bootstrap keeps drawing samples without target or non-target trials; "
+                            "too few speakers for a speaker-level bootstrap")
         mult = np.bincount(rng.integers(0, n_spk, size=n_spk), minlength=n_spk).astype(np.float64)
         w = mult[a_sorted] * mult[b_sorted]
         if not (np.any(w[y_sorted] > 0) and np.any(w[~y_sorted] > 0)):
@@ -293,7 +295,7 @@ def bootstrap_eer_ci(scores, labels, groups_a, groups_b, *, n_boot=200, seed=0, 
 
 
 def original_protocol(embeddings, speakers, *, seed=123, num_negatives=99, thresholds=None):
-    """The original Deep Speaker recipe's evaluation (PROTOCOL.md section 7) — for comparison ONLY.
+    """The original Deep Speaker recipe's evaluation (its ``test.py`` and ``eval_metrics.py``) — for comparison ONLY.
 
     For every speaker with at least 2 utterances, in sorted speaker order: anchor and positive are 2 different
     random utterances of that speaker; ``num_negatives`` negatives are one random utterance each of speakers

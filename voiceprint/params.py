@@ -13,8 +13,10 @@ from typing import Any, Sequence
 
 import yaml
 
+from voiceprint.errors import VoiceprintError
 
-class ParamsError(ValueError):
+
+class ParamsError(VoiceprintError, ValueError):
     """A params.yaml value is missing, of the wrong type, or out of range. The message names the key."""
 
 

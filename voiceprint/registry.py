@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from voiceprint.errors import VoiceprintError
+
 ENV_VAR = "VOICEPRINT_REGISTRY"
 APPLICATION_ID = 0x56505247     # "VPRG": marks an SQLite file as a voiceprint registry
 SCHEMA_VERSION = 1
@@ -51,7 +53,7 @@ CREATE INDEX IF NOT EXISTS enrollments_by_speaker ON enrollments (speaker);
 """
 
 
-class RegistryError(Exception):
+class RegistryError(VoiceprintError):
     """The registry cannot answer: missing or empty, unknown speaker, another model's embeddings, bad file."""
 
 

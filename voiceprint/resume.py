@@ -31,6 +31,8 @@ from typing import Iterable
 
 import numpy as np
 
+from voiceprint.errors import DataError, MissingFileError
+
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_ROOT = Path("models/checkpoints")
 FORMAT = 1
@@ -43,7 +45,7 @@ def fingerprint(settings: dict, inputs: Iterable[str | Path]) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in map(Path, inputs):
         if not path.exists():
-            raise FileNotFoundError(f"{path}: input of the training stage not found")
+            raise MissingFileError(f"{path}: input of the training stage not found")
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             name = file.relative_to(path).as_posix() if path.is_dir() else file.name
@@ -65,7 +67,7 @@ def enabled() -> bool:
     changes disk use and what an interruption costs, never results."""
     value = os.environ.get("VOICEPRINT_RESUME", "1")
     if value not in ("0", "1"):
-        raise ValueError(f"VOICEPRINT_RESUME must be 0 or 1, got {value!r}")
+        raise DataError(f"VOICEPRINT_RESUME must be 0 or 1, got {value!r}")
     return value == "1"
 
 

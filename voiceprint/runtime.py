@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from voiceprint.errors import DataError, MissingFileError
+
 
 def env_count(name: str) -> int:
     """A count from the environment (VOICEPRINT_THREADS, VOICEPRINT_WORKERS): unset or 0 means all cores (0).
@@ -48,11 +50,11 @@ def load_model(path, *, what: str = "model"):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} not found; run the stage that writes it (dvc repro)")
+        raise MissingFileError(f"{what} file {path} not found; run the stage that writes it (dvc repro)")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises several types for a bad archive
-        raise ValueError(f"{path}: cannot load {what}: {exc}") from exc
+        raise DataError(f"{path}: cannot load {what}: {exc}") from exc
 
 
 def default_workers() -> int:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-ROLES = ("train", "validation", "evaluation", "excluded")
+from voiceprint.errors import VoiceprintError
 
-
-class SplitError(ValueError):
+class SplitError(VoiceprintError, ValueError):
     """The corpus cannot be split as asked (too few speakers or utterances); the message says what was found."""
 
 

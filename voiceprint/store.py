@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from voiceprint.errors import DataError, MissingFileError, VoiceprintError
+
 FRAMES_FILE = "frames.f16"
 INDEX_FILE = "index.csv"
 BASELINE_FILE = "baseline.npy"
@@ -44,6 +46,12 @@ INDEX_COLUMNS = ["utterance", "speaker", "path", "offset", "frames"]
 SHARDED_INDEX_COLUMNS = ["utterance", "speaker", "path", "shard", "offset", "frames"]
 BASELINE_DIM = 40
 _SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class UnknownUtteranceError(VoiceprintError, KeyError):
+    """An utterance the split names is not in the feature store (the split and the features do not match)."""
+
+
 _INDEX_TYPES = {"utterance": str, "speaker": str, "path": str, "shard": str}
 
 
@@ -112,8 +120,8 @@ class StoreWriter:
         others = others[others.shard != self.shard]
         clash = set(others.utterance) & set(index.utterance)
         if clash:
-            raise ValueError(f"shard {self.shard!r}: utterance {sorted(clash)[0]!r} is already in another shard of "
-                             f"{self.directory}")
+            raise DataError(f"shard {self.shard!r}: utterance {sorted(clash)[0]!r} is already in another shard of "
+                            f"{self.directory}")
         entry = {**self.shard_info, "name": self.shard, "utterances": len(index), "frames": int(self._offset)}
         names = [s["name"] for s in shards]
         # a rewritten shard keeps its place, so the positions of the other shards' utterances do not move
@@ -155,11 +163,11 @@ def _existing_shards(directory: Path, header: dict) -> tuple[list[dict], pd.Data
         return [], pd.DataFrame(columns=SHARDED_INDEX_COLUMNS)
     meta = json.loads(meta_path.read_text())
     if "shards" not in meta:
-        raise ValueError(f"{meta_path}: a single-file store; shards go into a directory of their own")
+        raise DataError(f"{meta_path}: a single-file store; shards go into a directory of their own")
     for key in sorted(set(header) | set(meta) - {"shards", "utterances", "total_frames"}):
         if meta.get(key) != header.get(key):
-            raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} in the store, {header.get(key)!r} for the "
-                             "new shard; all shards of a store must be made the same way")
+            raise DataError(f"{meta_path}: {key} is {meta.get(key)!r} in the store, {header.get(key)!r} for the "
+                            "new shard; all shards of a store must be made the same way")
     return meta["shards"], pd.read_csv(directory / INDEX_FILE, dtype=_INDEX_TYPES)
 
 
@@ -187,8 +195,8 @@ class FeatureStore:
             meta = json.loads((directory / META_FILE).read_text())
             index = pd.read_csv(directory / INDEX_FILE, dtype=_INDEX_TYPES)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{directory}: not a feature store ({exc.filename} missing); "
-                                    "run the mfcc stage first") from None
+            raise MissingFileError(f"{directory}: not a feature store ({exc.filename} missing); "
+                                   "run the mfcc stage first") from None
         bands, meta_path = int(meta["num_bands"]), directory / META_FILE
         if "shards" not in meta:
             frames = _memmap(directory / FRAMES_FILE, int(meta["total_frames"]), bands, meta_path)
@@ -202,8 +210,8 @@ class FeatureStore:
         counts = [int(e["utterances"]) for e in entries]
         if len(index) != sum(counts) or (index["shard"].to_numpy() != np.repeat([e["name"] for e in entries],
                                                                                  counts)).any():
-            raise ValueError(f"{directory / INDEX_FILE}: its rows do not follow the shards listed in {meta_path} "
-                             "(a store being written, or edited by hand)")
+            raise DataError(f"{directory / INDEX_FILE}: its rows do not follow the shards listed in {meta_path} "
+                            "(a store being written, or edited by hand)")
         baseline = np.concatenate(baselines) if baselines else np.zeros((0, BASELINE_DIM), np.float32)
         shard_of = np.repeat(np.arange(len(entries), dtype=np.int64), counts)
         return cls(directory, index, shards, shard_of, baseline, meta["kind"], bands)
@@ -215,7 +223,7 @@ class FeatureStore:
         stores = [first, *others]
         for other in others:
             if (other.kind, other.num_bands) != (first.kind, first.num_bands):
-                raise ValueError(f"{other.directory}: features {other.kind}/{other.num_bands} bands cannot join "
+                raise DataError(f"{other.directory}: features {other.kind}/{other.num_bands} bands cannot join "
                                  f"{first.directory}: {first.kind}/{first.num_bands} bands")
         shard_base = np.cumsum([0] + [len(s.shards) for s in stores])[:-1]
         return cls(first.directory, pd.concat([s.index for s in stores], ignore_index=True),
@@ -243,13 +251,14 @@ class FeatureStore:
         if self._lookup is None:
             lookup = pd.Index(self.index["utterance"])
             if not lookup.is_unique:
-                raise ValueError(f"{self.directory / INDEX_FILE}: utterance "
-                                 f"{lookup[lookup.duplicated()][0]!r} appears more than once")
+                raise DataError(f"{self.directory / INDEX_FILE}: utterance "
+                                f"{lookup[lookup.duplicated()][0]!r} appears more than once")
             self._lookup = lookup
         wanted = pd.Index(utterances)
         rows = self._lookup.get_indexer(wanted)
         if (rows < 0).any():
-            raise KeyError(f"utterance {wanted[np.argmax(rows < 0)]!r} is not in the feature store {self.directory}")
+            raise UnknownUtteranceError(f"utterance {wanted[np.argmax(rows < 0)]!r} is not in the feature store "
+                                        f"{self.directory}")
         return rows
 
     def _read(self, i: int, first: int, count: int) -> np.ndarray:
@@ -289,10 +298,10 @@ def _memmap(path: Path, rows: int, bands: int, meta_path: Path) -> np.ndarray:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing (described in {meta_path})") from None
+        raise MissingFileError(f"{path}: missing (described in {meta_path})") from None
     if size != expected:
-        raise ValueError(f"{path}: {size} bytes, but {meta_path} says {rows} frames x {bands} bands of float16 = "
-                         f"{expected} bytes (truncated, or from another store)")
+        raise DataError(f"{path}: {size} bytes, but {meta_path} says {rows} frames x {bands} bands of float16 = "
+                        f"{expected} bytes (truncated, or from another store)")
     if rows == 0:
         return np.zeros((0, bands), np.float16)
     with open(path, "rb") as fh:

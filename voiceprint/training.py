@@ -19,6 +19,7 @@ from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatc
 from voiceprint.checkpoint import import_original_weights
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
+from voiceprint.errors import DataError
 from voiceprint.losses import CLASSIFICATION, get_loss, output_layer
 from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
 from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
@@ -80,7 +81,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
                   lr: float, seed: int, distribution: Distribution | None = None,
                   checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
-    Validation loss: fixed P x K batches of the held-out utterances of training speakers.
+    Validation loss: P x K batches of the held-out utterances of training speakers, the same every epoch.
     ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is).
     With several replicas each holds a slice of the P x K batch, and the embeddings are gathered from all replicas
     before mining, so negatives come from the whole global batch exactly as on one device."""
@@ -100,7 +101,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
     val = None
     if len(np.unique(val_lab)) >= 2:
         val = SpeakerBatches(store, val_pos, val_lab, steps=max(1, steps_per_epoch // 5), seed=seed + 1,
-                             **batches)
+                             shuffle=False, **batches)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
                    verbose=verbose)
     _copy_weights(trainer, model)
@@ -293,9 +294,9 @@ def _check_same_start(distribution: Distribution, epochs_done: int) -> None:
     per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(epochs_done))
     total = int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
     if total != epochs_done * distribution.replicas:
-        raise ValueError(f"multi-worker training: the workers found different checkpoints (this one: "
-                         f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
-                         "share, or set VOICEPRINT_RESUME=0")
+        raise DataError(f"multi-worker training: the workers found different checkpoints (this one: "
+                        f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
+                        "share, or set VOICEPRINT_RESUME=0")
 
 
 def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distribution,
@@ -345,9 +346,11 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, k
     base+head as one model (features -> L2-normalised head embedding).
 
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
-    the head trains on those arrays. ``train_trunk``: the trunk trains jointly, at ``trunk_lr``, on fresh crops
-    every batch (much slower; the base model file itself is never changed).
+    the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
+    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
     """
+    if train_trunk:
+        base = _trainable_copy(base)
     tap = head_tap(kind)
     source = tap_model(base, tap)
     train_pos, train_lab = _roles(store, split, "train")
@@ -381,6 +384,23 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, k
     return Trained(attach_head(base, head, tap), history, head)
 
 
+def _trainable_copy(model: keras.Model) -> keras.Model:
+    """A trainable copy of ``model`` with its weights (and dropout seed state), to train without touching it.
+    Its layers are built trainable even where ``model``'s are frozen: a variable created frozen never trains."""
+
+    def rebuild(layer):
+        config = layer.get_config()
+        config["trainable"] = True
+        return layer.__class__.from_config(config)
+
+    draws = random.getstate()       # building layers draws default seeds from Python's random: leave it as it was
+    copy_ = keras.models.clone_model(model, clone_function=rebuild)
+    random.setstate(draws)
+    for source, target in zip(model.variables, copy_.variables):
+        target.assign(source)
+    return copy_
+
+
 def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: int, steps: int, seed: int,
                   shuffle: bool = True):
     """Batches over in-memory inputs for ``loss``: shuffled minibatches for classification losses, P x K
@@ -388,7 +408,8 @@ def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: i
     if loss in CLASSIFICATION:
         return ArrayBatches(x, y, batch_size=batch_size, seed=seed, shuffle=shuffle)
     return VectorSpeakerBatches(x, y, speakers_per_batch=max(2, batch_size // utterances_per_speaker),
-                                utterances_per_speaker=utterances_per_speaker, steps=steps, seed=seed)
+                                utterances_per_speaker=utterances_per_speaker, steps=steps, seed=seed,
+                                shuffle=shuffle)
 
 
 def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_size: int,
@@ -399,7 +420,7 @@ def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_siz
                                      shuffle=shuffle)
     return SpeakerBatches(store, positions, labels, frames=frames, steps=steps, seed=seed,
                           speakers_per_batch=max(2, batch_size // utterances_per_speaker),
-                          utterances_per_speaker=utterances_per_speaker)
+                          utterances_per_speaker=utterances_per_speaker, shuffle=shuffle)
 
 
 def fit_head(head: keras.Model, train, val, *, loss: str, num_classes: int, lr: float, epochs: int,

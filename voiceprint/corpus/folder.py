@@ -30,6 +30,7 @@ import soundfile as sf
 
 from voiceprint.audio import AUDIO_EXTENSIONS
 from voiceprint.corpus import MANIFEST_COLUMNS
+from voiceprint.errors import DataError, MissingFileError
 
 __all__ = ["FOLDER_MANIFEST_COLUMNS", "REJECTED_COLUMNS", "REJECT_REASONS", "scan"]
 
@@ -66,10 +67,10 @@ def scan(source: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
         candidates, rejected = _scan_tree(source)
     elif source.is_file():
         if source.suffix.lower() != ".csv":
-            raise ValueError(f"{source}: expected a folder of recordings or a .csv manifest (path,speaker)")
+            raise DataError(f"{source}: expected a folder of recordings or a .csv manifest (path,speaker)")
         candidates, rejected = _scan_csv(source)
     else:
-        raise FileNotFoundError(f"{source}: no such folder or CSV file")
+        raise MissingFileError(f"{source}: no such folder or CSV file")
 
     kept = []
     for item in sorted(candidates, key=lambda c: (c["path"], c["speaker"])):
@@ -159,11 +160,11 @@ def _scan_csv(csv_path: Path) -> tuple[list[dict], list[dict]]:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True,
                             engine="python", on_bad_lines=lambda fields: bad_lines.append(fields))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{csv_path}: cannot be read as CSV: {exc}") from None
+        raise DataError(f"{csv_path}: cannot be read as CSV: {exc}") from None
     missing = [c for c in ("path", "speaker") if c not in table.columns]
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
-                         f"path,speaker (found: {', '.join(map(str, table.columns)) or 'none'})")
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
+                        f"path,speaker (found: {', '.join(map(str, table.columns)) or 'none'})")
     folder = csv_path.parent
     candidates = []
     rejected = [dict(path=str(csv_path), speaker="", reason="bad_manifest_row",
@@ -263,4 +264,4 @@ def _assign_utterance_ids(items: list[dict]) -> None:
         item["utterance"] = item["_key"] if counts[item["_key"]] == 1 else item["_fallback_key"]
     ids = pd.Series([item["utterance"] for item in items], dtype=object)
     if ids.duplicated().any():  # distinct files have distinct fallback keys; this guards the rule itself
-        raise ValueError(f"utterance ids not unique: {sorted(set(ids[ids.duplicated()]))[:5]}")
+        raise DataError(f"utterance ids not unique: {sorted(set(ids[ids.duplicated()]))[:5]}")

@@ -19,6 +19,7 @@ import soundfile as sf
 
 from voiceprint import fetch
 from voiceprint.corpus import MANIFEST_COLUMNS
+from voiceprint.errors import DataError
 
 MIRROR = "https://www.openslr.org/resources/12"
 
@@ -51,14 +52,14 @@ SUBSETS = {
 def check_subsets(subsets: Sequence[str]) -> list[str]:
     """The requested subsets, validated, in sorted order (so outputs never depend on the order listed)."""
     if isinstance(subsets, str) or not isinstance(subsets, (list, tuple)) or not subsets:
-        raise ValueError(f"data.subsets: expected a non-empty list of LibriSpeech subsets, got {subsets!r}; "
-                         f"valid: {', '.join(SUBSETS)}")
+        raise DataError(f"data.subsets: expected a non-empty list of LibriSpeech subsets, got {subsets!r}; "
+                        f"valid: {', '.join(SUBSETS)}")
     unknown = [s for s in subsets if s not in SUBSETS]
     if unknown:
-        raise ValueError(f"data.subsets: unknown subset(s) {unknown}; valid: {', '.join(SUBSETS)}")
+        raise DataError(f"data.subsets: unknown subset(s) {unknown}; valid: {', '.join(SUBSETS)}")
     repeated = sorted({s for s in subsets if list(subsets).count(s) > 1})
     if repeated:
-        raise ValueError(f"data.subsets: {repeated} listed more than once")
+        raise DataError(f"data.subsets: {repeated} listed more than once")
     return sorted(subsets)
 
 
@@ -66,7 +67,7 @@ def check_mirror(mirror: str) -> str:
     """The mirror's base URL without a trailing slash; archives are ``{mirror}/{subset}.tar.gz``."""
     parts = urlsplit(mirror) if isinstance(mirror, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"data.mirror: expected an http(s) base URL such as {MIRROR}, got {mirror!r}")
+        raise DataError(f"data.mirror: expected an http(s) base URL such as {MIRROR}, got {mirror!r}")
     return mirror.rstrip("/")
 
 
@@ -118,17 +119,17 @@ def _extract_subset(archive: Path, raw_dir: Path, subset: str, *, progress: bool
         found = sorted(p.name for p in staging.iterdir())
         root = staging / "LibriSpeech"
         if found != ["LibriSpeech"] or not (root / subset).is_dir():
-            raise ValueError(f"{archive}: expected a LibriSpeech/{subset}/ tree, found {found} at the top "
-                             f"and {sorted(p.name for p in root.iterdir()) if root.is_dir() else []} inside")
+            raise DataError(f"{archive}: expected a LibriSpeech/{subset}/ tree, found {found} at the top "
+                            f"and {sorted(p.name for p in root.iterdir()) if root.is_dir() else []} inside")
         target = raw_dir / "LibriSpeech"
         target.mkdir(parents=True, exist_ok=True)
         for entry in sorted(root.iterdir()):
             if entry.is_dir() and entry.name != subset:
-                raise ValueError(f"{archive}: unexpected directory LibriSpeech/{entry.name}/ in the archive "
-                                 f"of {subset}")
+                raise DataError(f"{archive}: unexpected directory LibriSpeech/{entry.name}/ in the archive "
+                                f"of {subset}")
             if (target / entry.name).exists():
                 if entry.name == subset:
-                    raise ValueError(f"{target / subset}: already exists; refusing to merge {archive} into it")
+                    raise DataError(f"{target / subset}: already exists; refusing to merge {archive} into it")
                 continue    # README/LICENSE/SPEAKERS/...: the same text in every subset's archive
             os.replace(entry, target / entry.name)
     finally:
@@ -147,13 +148,13 @@ def build_manifest(raw_dir: str | Path, subsets: Sequence[str]) -> pd.DataFrame:
         base = raw_dir / "LibriSpeech" / subset
         files = sorted(base.rglob("*.flac"))
         if not files:
-            raise ValueError(f"{base}: no .flac files for subset {subset}")
+            raise DataError(f"{base}: no .flac files for subset {subset}")
         for path in files:
             parts = path.relative_to(base).parts
             rel = path.relative_to(raw_dir).as_posix()
             if len(parts) != 3 or not path.stem.startswith(f"{parts[0]}-{parts[1]}-"):
-                raise ValueError(f"{rel}: not in the LibriSpeech layout "
-                                 f"<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac")
+                raise DataError(f"{rel}: not in the LibriSpeech layout "
+                                f"<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac")
             duration, rate = _header(path)
             rows.append((rel, parts[0], path.stem, duration, rate))
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

@@ -6,7 +6,8 @@ clipped ReLU; the original clips before the add as well). After the last stage t
 reshaped to (time, freq*channels), averaged over time, projected by Dense ``affine`` and L2-normalised (``ln``).
 Time is left unspecified, so one model embeds crops and whole utterances alike.
 
-Names matter: original checkpoints load by layer name (see ../shared/reference/layers.tsv).
+Names matter: original checkpoints load by layer name (the names of the original's ``deep_speaker/conv_models.py``,
+https://github.com/philipperemy/deep-speaker; ``voiceprint/checkpoint.py`` reads them).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Sequence
 
 import keras
 from keras import layers
+
+from voiceprint.errors import DataError
 
 CLIP_VALUE = 20.0          # clipped ReLU min(max(x, 0), 20)
 CONV_L2 = 1e-4             # the original's kernel regulariser on every Conv2D
@@ -89,7 +92,7 @@ def build_rescnn(*, filters: Sequence[int] = (64, 128, 256, 512), blocks: int = 
     ``classifier``: another output layer over the speakers instead of that Dense (e.g. AAM-softmax's cosines).
     """
     if num_bands % (2 ** len(filters)):
-        raise ValueError(f"num_bands={num_bands} must be divisible by 2**{len(filters)} (one halving per stage)")
+        raise DataError(f"num_bands={num_bands} must be divisible by 2**{len(filters)} (one halving per stage)")
     inputs = keras.Input((None, num_bands, 1), name="input")
     frames = build_frame_trunk(inputs, filters, blocks)
     pooled = layers.GlobalAveragePooling1D(name="average")(frames)
