@@ -211,7 +211,19 @@ def test_the_bundles_vad_reaches_featurize_file(rec, corpus, monkeypatch):
     for vad, expected in (("energy", {"vad": "energy"}), ("original", {"vad": "original"}), (None, {})):
         bundle = dataclasses.replace(rec.bundle, features=dataclasses.replace(features, vad=vad))
         api.Recognizer(bundle).features(corpus[1].file[0])
-        assert calls.pop() == {"sample_rate": 16000, "min_seconds": 0.5, **expected}
+        assert calls.pop() == {"sample_rate": 16000, "min_seconds": 0.5, "max_clipped_fraction": 0.01, **expected}
+
+
+def test_a_clipped_file_is_rejected_as_the_pipeline_rejects_it(rec, corpus, tmp_path):
+    import soundfile as sf
+
+    from voiceprint.audio import AudioError
+
+    wav = np.clip(3.0 * np.sin(np.linspace(0, 2000, 32000)), -1, 1).astype(np.float32)   # ~80% at full scale
+    sf.write(tmp_path / "clipped.wav", wav, 16000)
+    with pytest.raises(AudioError) as err:
+        rec.verify(corpus[1].file[0], tmp_path / "clipped.wav")
+    assert err.value.reason == "clipped" and "clipped.wav" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ AS-norm bundles
