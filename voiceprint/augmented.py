@@ -88,8 +88,7 @@ def _make(task):
                 speeds[c.factor] = speed_perturb(original, c.factor, sample_rate)
             wav = speeds[c.factor]
             if c.augmented:
-                pool = [p for p in _POOL if len(p)]
-                wav = augment_utterance(wav, settings, rng_for(settings.seed, c.utterance), pool, sample_rate)
+                wav = augment_utterance(wav, settings, rng_for(settings.seed, c.utterance), _POOL, sample_rate)
             out.append((c, *_featurize(wav, kind, vad, sample_rate), None))
         except Exception as exc:  # noqa: BLE001
             out.append((c, None, None, f"{path} ({c.utterance}): {type(exc).__name__}: {exc}"))
