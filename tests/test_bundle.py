@@ -89,7 +89,12 @@ def test_swapped_model_file_is_refused(saved, tmp_path):
     (lambda c: c.pop("system"), "system: missing"),
 ])
 def test_invalid_calibration_names_file_and_key(saved, tmp_path, edit, message):
-    copy = _copy(saved, tmp_path)
+    _assert_edit_refused(saved, tmp_path, edit, message)
+
+
+def _assert_edit_refused(bundle, tmp_path, edit, message):
+    """``edit`` applied to a copy's calibration.json makes load_bundle fail with ``message``, naming the file."""
+    copy = _copy(bundle, tmp_path)
     calibration = json.loads((copy / "calibration.json").read_text())
     edit(calibration)
     (copy / "calibration.json").write_text(json.dumps(calibration))
@@ -201,13 +206,7 @@ def test_swapped_or_missing_cohort_is_refused(normed, tmp_path):
     (lambda c: c.update(score_norm="none"), r"thresholds.eer: must lie in \[-1.0, 1.0\]"),
 ])
 def test_invalid_score_norm_calibration(normed, tmp_path, edit, message):
-    copy = shutil.copytree(normed, tmp_path / "copy")
-    calibration = json.loads((copy / "calibration.json").read_text())
-    edit(calibration)
-    (copy / "calibration.json").write_text(json.dumps(calibration))
-    with pytest.raises(B.BundleError, match=message) as info:
-        B.load_bundle(copy)
-    assert "calibration.json" in str(info.value)
+    _assert_edit_refused(normed, tmp_path, edit, message)
 
 
 def test_save_checks_the_cohort(model, tmp_path):
