@@ -1,4 +1,4 @@
-"""Training on real speech: added sources, augmented copies beside the store, AAM-softmax pre-training and the
+"""Training on real speech: added sources, augmented copies beside the store and the
 cross-corpus evaluation set."""
 import numpy as np
 import pandas as pd
@@ -130,37 +130,3 @@ def test_cross_corpus_set_lists_all_pairs_and_left_out_files(tmp_path):
     assert len(s.utterances) == 9 and len(s.features) == 9 and s.baseline.shape == (9, 40)
     assert int(s.trials.label.sum()) == 3 * 3 and int((s.trials.label == 0).sum()) == 36 - 9
     assert set(s.rejected.reason) >= {"not_audio"} and len(s.rejected) == 2   # notes.txt, broken.wav
-
-
-def test_aam_softmax_pretraining_trains_a_cosine_classifier(tmp_path):
-    from voiceprint.losses import CosineClassifier
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.training import train_softmax
-
-    rng = np.random.default_rng(0)
-    writer = StoreWriter(tmp_path, num_bands=64, kind="test")
-    rows = []
-    for s in range(4):
-        centre = rng.normal(size=64)
-        for u in range(4):
-            writer.add(f"s{s}-{u}", f"s{s}", "x", centre + 0.3 * rng.normal(size=(40, 64)), np.zeros(40))
-            rows.append((f"s{s}-{u}", f"s{s}", "train", s, ""))
-    writer.close()
-    configure_tensorflow(3)
-    masked = []
-
-    def mask(crops, rng):
-        masked.append(len(crops))
-        return crops
-
-    trained = train_softmax(FeatureStore.open(tmp_path), _split(rows), filters=[4, 8, 8, 8], blocks=1,
-                            embedding_dim=8, frames=32, epochs=3, batch_size=8, lr=0.01, dropout=0.0, seed=1,
-                            loss="aam_softmax", margin=0.1, scale=10.0, lr_schedule="cosine", crop_transform=mask,
-                            verbose=0)
-    assert len(trained.history) == 3 and np.isfinite(trained.history.loss).all()
-    assert trained.history.loss.iloc[-1] < trained.history.loss.iloc[0]
-    assert sum(masked) >= 3 * 16                                     # every training batch went through it
-    with pytest.raises(ValueError, match="learning-rate schedule"):
-        train_softmax(FeatureStore.open(tmp_path), _split(rows), filters=[4, 8, 8, 8], blocks=1, embedding_dim=8,
-                      frames=32, epochs=1, batch_size=8, lr=0.01, dropout=0.0, seed=1, lr_schedule="steps")
-    assert CosineClassifier  # the output layer AAM trains through (registered for safe-mode loading)

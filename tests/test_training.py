@@ -177,3 +177,24 @@ def test_triplet_validation_batches_are_fixed_across_epochs(tiny, monkeypatch):
     head_val = T.array_batches(np.zeros((8, 3)), np.repeat([0, 1], 4), loss="triplet", batch_size=4,
                                utterances_per_speaker=2, steps=1, seed=2, shuffle=False)
     assert head_val.shuffle is False
+
+
+def test_aam_softmax_pretraining_trains_a_cosine_classifier(tiny):
+    from voiceprint.training import train_softmax
+
+    store, split = tiny
+    configure_tensorflow(3)
+    masked = []
+
+    def mask(crops, rng):
+        masked.append(len(crops))
+        return crops
+
+    trained = train_softmax(store, split, **TINY_MODEL, epochs=3, batch_size=8, lr=0.01, seed=1,
+                            loss="aam_softmax", margin=0.1, scale=10.0, lr_schedule="cosine", crop_transform=mask,
+                            verbose=0)
+    assert len(trained.history) == 3 and np.isfinite(trained.history.loss).all()
+    assert trained.history.loss.iloc[-1] < trained.history.loss.iloc[0]
+    assert sum(masked) >= 3 * int((split.role == "train").sum())     # every training crop went through it
+    with pytest.raises(ValueError, match="learning-rate schedule"):
+        train_softmax(store, split, **TINY_MODEL, epochs=1, batch_size=8, lr=0.01, seed=1, lr_schedule="steps")
