@@ -202,7 +202,9 @@ class Recognizer:
 
     @property
     def model_sha256(self) -> str:
-        return self.bundle.model_sha256
+        """What the embeddings depend on (the registry keys enrolments by it): the model file's sha256, combined
+        with the MFCC-statistics branch's in a bundle that has one."""
+        return self.bundle.scoring_sha256
 
     @property
     def shipped(self) -> dict | None:
@@ -230,9 +232,12 @@ class Recognizer:
 
     def features(self, path: str | Path) -> np.ndarray:
         """(frames, bands) float32 features of one file. AudioError for unusable audio (too short included)."""
-        feats, _ = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
+        return self._features_and_stats(path)[0]
+
+    def _features_and_stats(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        feats, stats = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
         # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
-        return feats.astype(np.float16).astype(np.float32)
+        return feats.astype(np.float16).astype(np.float32), stats
 
     def embed_files(self, paths: Sequence[str | Path], *, progress: bool = False) -> np.ndarray:
         """(len(paths), D) float32 L2-normalised embeddings, one per file in order. Any bad file raises
@@ -246,12 +251,17 @@ class Recognizer:
         out = []
         with tqdm(total=len(paths), desc="embed", unit="file", disable=not progress, mininterval=1) as bar:
             for start in range(0, len(paths), FILES_PER_CHUNK):
-                feats = []
+                feats, stats = [], []
                 for path in paths[start:start + FILES_PER_CHUNK]:
-                    feats.append(self.features(path))
+                    f, s = self._features_and_stats(path)
+                    feats.append(f)
+                    stats.append(s)
                     bar.update()
-                out.append(embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
-                                          hop_frames=settings.hop_frames))
+                emb = embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
+                                     hop_frames=settings.hop_frames)
+                # The store keeps MFCC statistics as float32: the statistics branch was fitted on those.
+                out.append(emb if self.bundle.stats_lda is None
+                           else self.bundle.stats_lda.joint(emb, np.asarray(stats, np.float32)))
         if not out:
             return np.zeros((0, self.bundle.embedding_dim), np.float32)
         return np.concatenate(out)

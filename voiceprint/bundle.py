@@ -4,12 +4,15 @@ Layout of a bundle directory (default ``models/voiceprint/``, written by the ``e
 
     model.keras        features (batch, frames, bands, 1) float32 -> L2-normalised embedding (batch, D)
     cohort.npy         (AS-norm bundles only) (speakers, D) float32: the score-normalisation cohort
+    stats_lda.npz      (bundles with an MFCC-statistics branch only) its LDA projection and weight
+                       (``voiceprint.stats_lda``); D is then the model's output plus the LDA dimension
     calibration.json   {"system", "model_sha256", "embedding_dim",
                         "features":   {"kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
                                        "hop_frames"[, "vad"]},
                         "thresholds": {"eer", "low_far", "low_far_rate"},
                         "evaluation": {"eer", "min_dcf", "target_trials", "nontarget_trials", ...},
                         ["score_norm": "as_norm", "cohort_top_n", "cohort_sha256",]
+                        ["stats_lda_sha256",]
                         "versions":   {...}}
 
 ``thresholds.eer`` is the score where false alarms and misses balance on the evaluation trials;
@@ -39,6 +42,7 @@ from voiceprint.outputs import atomic_path, save_keras_model, software_versions,
 MODEL_FILE = "model.keras"
 CALIBRATION_FILE = "calibration.json"
 COHORT_FILE = "cohort.npy"
+STATS_LDA_FILE = "stats_lda.npz"
 THRESHOLD_NAMES = ("eer", "low_far")
 # A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
 DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
@@ -94,6 +98,15 @@ class Bundle:
     score_norm: str = "none"
     cohort: np.ndarray | None = field(default=None, repr=False)
     cohort_top_n: int | None = None
+    stats_lda: Any = field(default=None, repr=False)   # voiceprint.stats_lda.StatsLda, or None
+
+    @property
+    def scoring_sha256(self) -> str:
+        """What embeddings depend on: the model's sha256, combined with the statistics branch's when there is one
+        (the registry keys enrolments by it, so a bundle with another projection never reuses them)."""
+        if self.stats_lda is None:
+            return self.model_sha256
+        return hashlib.sha256(f"{self.model_sha256}:{self.stats_lda.sha256()}".encode()).hexdigest()
 
     def threshold(self, which: str | float) -> tuple[str, float]:
         """``(label, value)`` for a threshold name (``eer``, ``low_far``) or a number (also as a string).
@@ -261,7 +274,7 @@ def file_sha256(path: str | Path) -> str:
 
 def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thresholds: dict,
                 evaluation: dict, score_norm: str = "none", cohort: np.ndarray | None = None,
-                cohort_top_n: int | None = None) -> Path:
+                cohort_top_n: int | None = None, stats_lda=None) -> Path:
     """Write ``out_dir`` (model.keras + calibration.json, + cohort.npy for ``score_norm="as_norm"``) atomically:
     the directory is replaced as a whole, so it never holds a model with another model's calibration. Same weights
     and arguments -> same bytes; with ``score_norm="none"`` the same bytes as before score normalisation existed."""
@@ -275,6 +288,8 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
     bands, dim = _model_io(model, source)
     if bands != feats.num_bands:
         raise _fail(source, "features.num_bands", f"{feats.num_bands}, but the model takes {bands} bands")
+    if stats_lda is not None:
+        dim += stats_lda.output_dim
     if score_norm == "none" and (cohort is not None or cohort_top_n is not None):
         raise _fail(source, "score_norm", "none, but a cohort was given (use score_norm='as_norm')")
     if score_norm == "as_norm":
@@ -290,6 +305,9 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
                 np.save(fh, np.ascontiguousarray(cohort, dtype="<f4"), allow_pickle=False)
             calibration.update(score_norm=score_norm, cohort_top_n=cohort_top_n,
                                cohort_sha256=file_sha256(tmp / COHORT_FILE))
+        if stats_lda is not None:
+            stats_lda.save(tmp / STATS_LDA_FILE)
+            calibration["stats_lda_sha256"] = file_sha256(tmp / STATS_LDA_FILE)
         (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -346,7 +364,7 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
         raise BundleError(f"{source}: not valid JSON: {exc}") from None
     data = _mapping(data, source, "(top level)")
     _keys(data, source, "", ("system", "model_sha256", "embedding_dim", "features", "thresholds", "evaluation"),
-          ("versions", "score_norm", "cohort_top_n", "cohort_sha256"))
+          ("versions", "score_norm", "cohort_top_n", "cohort_sha256", "stats_lda_sha256"))
     system = _text(data["system"], source, "system")
     expected_sha = _sha256(data["model_sha256"], source, "model_sha256")
     dim = _int(data["embedding_dim"], source, "embedding_dim", 1)
@@ -376,13 +394,28 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
         extra = sorted({"cohort_top_n", "cohort_sha256"} & set(data))
         if extra:
             raise _fail(source, extra[0], "given, but score_norm is none")
+    stats_lda = None
+    if "stats_lda_sha256" in data:
+        from voiceprint.stats_lda import StatsLdaError, load_stats_lda
+
+        stats_file = path / STATS_LDA_FILE
+        if not stats_file.is_file():
+            raise BundleError(f"{path}: {STATS_LDA_FILE} missing, but {calibration_file.name} has stats_lda_sha256")
+        _check_file(stats_file, _sha256(data["stats_lda_sha256"], source, "stats_lda_sha256"), "stats_lda_sha256",
+                    calibration_file)
+        try:
+            stats_lda = load_stats_lda(stats_file)
+        except StatsLdaError as exc:
+            raise BundleError(str(exc)) from None
     model = _load_keras(model_file)
     bands, model_dim = _model_io(model, str(model_file))
+    if stats_lda is not None:
+        model_dim += stats_lda.output_dim
     if (bands, model_dim) != (feats.num_bands, dim):
         raise BundleError(f"{model_file}: the model maps {bands} bands to {model_dim}-d embeddings, but "
                           f"{calibration_file.name} says {feats.num_bands} bands and embedding_dim {dim}")
     return Bundle(path, model, system, expected_sha, dim, feats, thresholds, evaluation, versions, score_norm,
-                  cohort, top_n)
+                  cohort, top_n, stats_lda)
 
 
 def _sha256(value, source: str, key: str) -> str:
