@@ -520,7 +520,8 @@ def _synthesise_speech(traits: dict, content_rng, noise_rng, n: int) -> np.ndarr
     f = np.maximum(_FREQS, 1.0).astype(np.float32)
     fric_filter = 1.0 / (1.0 + (q[:, None] * (f / fc[:, None] - fc[:, None] / f)) ** 2)
 
-    spec = pm.complex_multiply(_stft(e_tract, n_frames), tract) + pm.complex_multiply(_stft(e_fric, n_frames), fric_filter)
+    spec = (pm.complex_multiply(_stft(e_tract, n_frames), tract)
+            + pm.complex_multiply(_stft(e_fric, n_frames), fric_filter))
     speech = _istft(spec, n)
     # 15 ms raised-cosine fades: the phone sequence is cut to length, so avoid clicks.
     fade = min(int(0.015 * SAMPLE_RATE), n // 4)
