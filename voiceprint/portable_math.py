@@ -39,8 +39,9 @@ _SQRT_HALF = 0.70710678118654752440
 _EXP_COEFFS = tuple(1.0 / math.factorial(n) for n in range(14, -1, -1))  # |r| <= ln2/2
 _SIN_COEFFS = tuple((-1.0) ** k / math.factorial(2 * k + 1) for k in range(10, -1, -1))  # in r^2, times r
 _COS_COEFFS = tuple((-1.0) ** k / math.factorial(2 * k) for k in range(10, -1, -1))  # in r^2
-# log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.1716: 2 sum s^(2k+1) / (2k+1).
-_ATANH_COEFFS = tuple(2.0 / (2 * k + 1) for k in range(13, -1, -1))  # in s^2, times s
+# log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716: f - f^2/2 + s (f^2/2 + R), R = sum_k>=1 2 s^2k / (2k+1)
+# (fdlibm's arrangement, which keeps the large terms exact).
+_LOG_R_COEFFS = tuple(2.0 / (2 * k + 1) for k in range(13, 0, -1))  # in s^2, times s^2
 
 
 def _horner(coeffs: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -103,10 +104,12 @@ def log(x) -> np.ndarray:
     e = e.astype(np.float64)
     e[small] -= 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = (m - 1.0) / (m + 1.0)
-        poly = _horner(_ATANH_COEFFS, s * s) * s
-        result = e * _LN2_HI
-        result += e * _LN2_LO + poly
+        f = m - 1.0  # exact (Sterbenz)
+        s = f / (2.0 + f)
+        z = s * s
+        r = _horner(_LOG_R_COEFFS, z) * z
+        half_f2 = 0.5 * f * f
+        result = e * _LN2_HI - ((half_f2 - (s * (half_f2 + r) + e * _LN2_LO)) - f)
     result[x == 0.0] = -np.inf
     result[x < 0.0] = np.nan
     result[np.isnan(x)] = np.nan
