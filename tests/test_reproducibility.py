@@ -113,6 +113,14 @@ def test_portable_power_and_special_values():
     assert pm.cos(0.0) == 1.0 and pm.sin(0.0) == 0.0 and pm.exp(np.zeros((2, 3))).shape == (2, 3)
 
 
+def test_expi_is_cos_plus_i_sin():
+    x = np.random.default_rng(8).uniform(-50.0, 50.0, 5000)
+    z = pm.expi(x)
+    np.testing.assert_array_equal(z.real, pm.cos(x))
+    np.testing.assert_array_equal(z.imag, pm.sin(x))
+    np.testing.assert_allclose(z, np.exp(1j * x), rtol=0, atol=4e-16)
+
+
 def test_complex_multiply_rounds_each_term():
     rng = np.random.default_rng(7)
     a = rng.standard_normal(1000) + 1j * rng.standard_normal(1000)

@@ -331,11 +331,11 @@ def _fft_plan(nfft: int) -> tuple[np.ndarray, ...]:
     twiddles, offsets, size = [np.zeros(0, complex)], [0], 1
     for radix in radices:
         j, t = np.meshgrid(np.arange(size), np.arange(radix), indexing="ij")
-        twiddles.append(np.exp(-2j * np.pi * (j * t) / (size * radix)).ravel())
+        twiddles.append(pm.expi(-2.0 * np.pi * (j * t) / (size * radix)).ravel())  # portable: CPU-independent
         offsets.append(offsets[-1] + j.size)
         size *= radix
     plan = (np.array(radices, np.int64), np.array(offsets, np.int64), np.concatenate(twiddles),
-            np.exp(-2j * np.pi * np.arange(half + 1) / nfft))
+            pm.expi(-2.0 * np.pi * np.arange(half + 1) / nfft))
     for array in plan:
         array.setflags(write=False)
     return plan

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-__all__ = ["cos", "exp", "exp2", "log", "log2", "log10", "power", "sin", "complex_multiply"]
+__all__ = ["complex_multiply", "cos", "exp", "exp2", "expi", "log", "log2", "log10", "power", "sin"]
 
 # ln 2 split so that k * _LN2_HI is exact for |k| < 2^20 (fdlibm's constants).
 _LN2_HI = 6.93147180369123816490e-01
@@ -156,6 +156,18 @@ def cos(x) -> np.ndarray:
     r, quadrant = _reduce_quarter_pi(x)
     s, c = _sin_cos_reduced(r)
     return np.choose(quadrant, (c, -s, -c, s))
+
+
+def expi(x) -> np.ndarray:
+    """exp(i x) = cos x + i sin x, complex128 (numpy's complex exp calls the C library, whose sin/cos have FMA
+    and non-FMA variants)."""
+    x = _as_float64(x)
+    r, quadrant = _reduce_quarter_pi(x.reshape(-1))
+    s, c = _sin_cos_reduced(r)
+    out = np.empty(x.shape, np.complex128)
+    out.real = np.choose(quadrant, (c, -s, -c, s)).reshape(x.shape)
+    out.imag = np.choose(quadrant, (s, c, -s, -c)).reshape(x.shape)
+    return out
 
 
 def complex_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
