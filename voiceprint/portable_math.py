@@ -9,8 +9,9 @@ not to the bit, so data synthesised from them differs from machine to machine (s
 These functions use only the operations IEEE 754 rounds exactly (``+ - * /``, ``floor``/``rint``,
 ``frexp``/``ldexp``), one numpy ufunc call each, so no SIMD width or fused multiply-add can change a bit:
 range reduction and a fixed polynomial, evaluated in a fixed order.  Accuracy is within a few ulp of the
-correctly rounded result (tests/test_reproducibility.py); they are 5-7 times slower than numpy's (a dozen
-passes over the array instead of one), which is immaterial where they are used: synthesis and per-file features.
+correctly rounded result (tests/test_reproducibility.py).  They take a dozen passes over the array where numpy
+takes one, so they are many times slower per call; in the synthetic generator and the features that costs
+1.3-1.7x the time per utterance (bench/portable_math_cost.py, docs/reproducibility.md).
 
 Inputs are array-likes of real numbers; outputs are float64 arrays (0-d for scalars: use ``float(...)``).
 """

@@ -645,7 +645,7 @@ def _make_utterance(job: tuple) -> dict:
     try:
         # FLAC level 0 (libsndfile's compression_level 0.0): fixed integer predictors only.  From level 3 up,
         # libFLAC fits LPC predictors in floating point with CPU-dispatched code (an FMA kernel where the CPU
-        # has FMA), so the same samples could be encoded to different bytes; level 0 costs ~7 % in size.
+        # has FMA), so the same samples could be encoded to different bytes; level 0 costs ~9 % in size.
         sf.write(tmp, y, SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=0.0)
         os.replace(tmp, final)  # readers never see a half-written file
     finally:
