@@ -47,6 +47,7 @@ REASONS = {
     "non_finite": "contains NaN or Inf samples",
     "silent": "is digital silence (all samples are zero)",
     "too_short": "is too short",
+    "too_long": "is longer than allowed",
     "not_audio": "is not an audio file this build decodes",
     "permission_denied": "cannot be read (permission denied)",
     "clipped": "is clipped (too many samples at full scale)",
