@@ -79,7 +79,7 @@ def _say_which_model(args, model) -> None:
 
     if args.model is None and not os.environ.get(MODEL_ENV_VAR) and Path(model) == DEFAULT_MODEL \
             and not getattr(args, "quiet", False):
-        print(f"voiceprint: using the model at {Path(model).resolve()} (./{DEFAULT_MODEL} in the current "
+        print(f"voiceprint: using the model at {Path(model).absolute()} (./{DEFAULT_MODEL} in the current "
               "directory); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
 
 
