@@ -33,24 +33,19 @@ reads files named in a request: audio comes only in the request body.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import hmac
-import io
 import ipaddress
-import json
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from aiohttp import web
+# Light at import time: the CLI reads this module's defaults for `voiceprint --help` and every command, which must
+# not pay for aiohttp, asyncio, numpy or the model code (seconds on a busy machine); each function imports its own.
+if TYPE_CHECKING:
+    from aiohttp import web
 
-from voiceprint.api import InputError, Recognizer
-from voiceprint.audio import Audio, AudioError
+    from voiceprint.api import Recognizer
+    from voiceprint.audio import Audio
 
 TOKEN_ENV_VAR = "VOICEPRINT_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
@@ -86,6 +81,8 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(host: str, token: str | None) -> None:
     """InputError when a non-loopback address would be served without a token."""
+    from voiceprint.api import InputError
+
     if not token and not is_loopback(host):
         raise InputError(f"serve: binding {host} exposes the service beyond this machine: set a token "
                          f"(--token or ${TOKEN_ENV_VAR}) or bind 127.0.0.1")
@@ -100,6 +97,8 @@ class _Form:
         self.audio, self.values = audio, values
 
     def recordings(self, field: str, *, many: bool = False) -> list[Audio]:
+        from voiceprint.api import InputError
+
         got = self.audio.get(field, [])
         if not got:
             raise InputError(f"missing audio field {field!r}")
@@ -112,6 +111,12 @@ class _Form:
 
 
 def _decode_b64(field: str, index: int, value) -> Audio:
+    import base64
+    import binascii
+
+    from voiceprint.api import InputError
+    from voiceprint.audio import Audio
+
     name = f"{field}[{index}]" if index else field
     if isinstance(value, dict):
         name, value = str(value.get("name") or name), value.get("data")
@@ -124,11 +129,21 @@ def _decode_b64(field: str, index: int, value) -> Audio:
 
 
 async def _read_form(request: web.Request, audio_fields: tuple[str, ...]) -> _Form:
+    import json
+
+    from aiohttp import web
+
+    from voiceprint.api import InputError
+    from voiceprint.audio import Audio
+
     audio: dict[str, list[Audio]] = {}
     values: dict[str, object] = {}
     ctype = request.content_type
     if ctype == "multipart/form-data":
-        post = await request.post()       # bounded by client_max_size
+        try:
+            post = await request.post()       # bounded by client_max_size
+        except (ValueError, AssertionError) as exc:      # aiohttp's multipart parser on a malformed body
+            raise InputError(f"request body: malformed multipart/form-data ({exc})") from None
         for key, value in post.items():
             if isinstance(value, web.FileField):
                 data = value.file.read()
@@ -156,6 +171,8 @@ async def _read_form(request: web.Request, audio_fields: tuple[str, ...]) -> _Fo
 
 
 def _threshold(form: _Form):
+    from voiceprint.api import InputError
+
     value = form.text("threshold", "eer")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InputError(f"threshold: expected eer, low_far or a number, got {value!r}")
@@ -163,6 +180,8 @@ def _threshold(form: _Form):
 
 
 def _top(form: _Form) -> int:
+    from voiceprint.api import InputError
+
     value = form.text("top", 1)
     try:
         top = None if isinstance(value, (bool, float)) else int(str(value))
@@ -179,6 +198,8 @@ class Service:
     """The operations, run in worker threads, on one warm :class:`Recognizer`."""
 
     def __init__(self, rec: Recognizer, *, registry: str | Path | None = None, limits: Limits = Limits()):
+        from concurrent.futures import ThreadPoolExecutor
+
         from voiceprint.registry import default_registry_path
 
         self.rec, self.limits = rec, limits
@@ -193,7 +214,11 @@ class Service:
 
     def checked(self, recordings: list[Audio]) -> list[Audio]:
         """The recordings, after their headers say each is decodable and not longer than the limit."""
+        import io
+
         import soundfile as sf
+
+        from voiceprint.audio import AudioError
 
         for item in recordings:
             try:
@@ -256,6 +281,7 @@ class Service:
                                for c in result.candidates]}
 
     def enroll(self, form: _Form) -> dict:
+        from voiceprint.api import InputError
         from voiceprint.registry import check_speaker_name
 
         name = form.text("name")
@@ -289,12 +315,24 @@ class Service:
 
     def warm_up(self) -> None:
         """Trace the model and compile the feature code before the first request (tracing takes seconds)."""
+        import numpy as np
+
+        from voiceprint.errors import VoiceprintError
+
         rate = self.rec.bundle.features.sample_rate
-        noise = np.random.default_rng(0).normal(0, 0.1, 2 * rate).astype(np.float32)
-        self.rec.embed_signal(noise, rate)
+        t = np.arange(2 * rate) / rate
+        # Voiced-speech-like: harmonics of 150 Hz in 4 Hz syllables with pauses, so either VAD keeps some of it.
+        syllables = np.maximum(np.sin(2 * np.pi * 4 * t), 0) ** 2
+        voiced = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 8))
+        try:
+            self.rec.embed_signal((0.1 * syllables * voiced).astype(np.float32), rate)
+        except VoiceprintError as exc:     # a cold first request is slower, nothing worse
+            log.warning("warm-up skipped: %s", exc)
 
 
 def _error(status: int, kind: str, message: str, **extra) -> web.Response:
+    from aiohttp import web
+
     return web.json_response({"error": {"kind": kind, "message": message, "status": status, **extra}},
                              status=status)
 
@@ -302,6 +340,12 @@ def _error(status: int, kind: str, message: str, **extra) -> web.Response:
 def create_app(rec: Recognizer, *, registry: str | Path | None = None, token: str | None = None,
                limits: Limits = Limits(), warm_up: bool = True) -> web.Application:
     """The aiohttp application (run it with :func:`serve` or :class:`BackgroundServer`)."""
+    import asyncio
+    import hmac
+
+    from aiohttp import web
+
+    from voiceprint.audio import AudioError
     from voiceprint.cli import _error_kinds
 
     service = Service(rec, registry=registry, limits=limits)
@@ -332,8 +376,10 @@ def create_app(rec: Recognizer, *, registry: str | Path | None = None, token: st
             kind = next(k for cls, k, _ in kinds if isinstance(exc, cls))
             extra = {"reason": exc.reason} if isinstance(exc, AudioError) else {}
             return _error(STATUS[kind], kind, str(exc), **extra)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:    # aiohttp's own refusals (e.g. a malformed multipart body), as JSON
+            if exc.status < 400:
+                raise
+            return _error(exc.status, "usage" if exc.status == 400 else "http", exc.text or exc.reason)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "error", "internal error (logged by the server)")
@@ -384,6 +430,8 @@ def create_app(rec: Recognizer, *, registry: str | Path | None = None, token: st
 
 
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -393,6 +441,8 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
 
 def serve(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, on_ready=None) -> None:
     """Serve until interrupted; ``on_ready(port)`` once listening."""
+    import asyncio
+
     async def main():
         runner, bound = await _start(app, host, port)
         if on_ready is not None:
@@ -413,6 +463,9 @@ class BackgroundServer:
     """
 
     def __init__(self, app: web.Application, host: str = DEFAULT_HOST, port: int = 0):
+        import asyncio
+        import threading
+
         self.app, self.host, self.port = app, host, port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="voiceprint-serve-loop", daemon=True)
@@ -422,12 +475,16 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "BackgroundServer":
+        import asyncio
+
         self._thread.start()
         self._runner, self.port = asyncio.run_coroutine_threadsafe(
             _start(self.app, self.host, self.port), self._loop).result()
         return self
 
     def __exit__(self, *exc) -> None:
+        import asyncio
+
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
