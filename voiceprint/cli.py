@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = _global_flags(argparse.ArgumentParser(add_help=False), default=argparse.SUPPRESS)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="bundle directory or .keras file "
-                                       "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
+    model.add_argument("--model", help="bundle directory or .keras file (default: $VOICEPRINT_MODEL, else "
+                                       "models/voiceprint in the working directory, else the shipped model)")
     model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
     threshold = argparse.ArgumentParser(add_help=False)
     threshold.add_argument("--threshold", help="eer (default), low_far, or a score: a cosine in [-1, 1], or an "
