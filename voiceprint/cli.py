@@ -303,11 +303,15 @@ def cmd_cluster(args) -> int:
 def cmd_serve(args) -> int:
     from voiceprint.serve import Limits, check_binding, create_app, serve
 
+    import importlib.util
+
+    from voiceprint.api import InputError
+
     check_binding(args.host, args.token)    # before loading the model
     if args.workers < 1 or args.max_body_mb <= 0 or args.max_seconds <= 0:
-        from voiceprint.api import InputError
-
         raise InputError("--workers, --max-body-mb and --max-seconds must be > 0")
+    if importlib.util.find_spec("aiohttp") is None:
+        raise InputError("serve needs the aiohttp package: pip install aiohttp")
     rec = _recognizer(args)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_audio_seconds=args.max_seconds,
                     workers=args.workers)
