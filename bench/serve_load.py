@@ -140,7 +140,7 @@ def main() -> None:
                 for c in args.concurrency:
                     served[c].add(*asyncio.run(load(url, a, b, per_round, c)))
         finally:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:   # TensorFlow's teardown on a loaded machine: not what is measured

@@ -292,7 +292,7 @@ def test_non_loopback_binding_needs_a_token(capsys):
     assert "binding 192.168.1.5" in err
 
 
-def test_voiceprint_serve_command_answers_and_stops_on_interrupt(setup, tmp_path):
+def test_voiceprint_serve_command_answers_and_stops_on_sigterm(setup, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "VOICEPRINT_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "voiceprint.cli", "serve", "--port", "0", "--json",
                              "--model", str(setup["bundle"]), "--registry", str(tmp_path / "reg.sqlite")],
@@ -305,6 +305,6 @@ def test_voiceprint_serve_command_answers_and_stops_on_interrupt(setup, tmp_path
         assert status == 200
         assert body["score"] == pytest.approx(float(setup["emb"][0] @ setup["emb"][1]), abs=1e-6)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)      # what process managers send; Ctrl-C's SIGINT ends as KeyboardInterrupt
         code = proc.wait(timeout=180)   # TensorFlow's teardown takes seconds on a busy machine
     assert code == 0, proc.stderr.read()

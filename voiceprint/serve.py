@@ -26,6 +26,7 @@ in its worker thread (the registry is safe across threads and processes: WAL, on
 
 Bounds: the whole request body (``max_body_bytes``), each recording's duration by its header
 (``max_audio_seconds``, reason ``too_long``) and the number of requests waiting for a worker (``max_pending``).
+SIGTERM or SIGINT stops it (requests in progress are finished first).
 
 Security: binds 127.0.0.1 by default. With a token (``--token`` or ``$VOICEPRINT_TOKEN``) every request must
 carry ``Authorization: Bearer TOKEN``; a token is required to bind any non-loopback address. The service never
@@ -440,15 +441,20 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
 
 
 def serve(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, on_ready=None) -> None:
-    """Serve until interrupted; ``on_ready(port)`` once listening."""
+    """Serve until SIGTERM (returns) or SIGINT (KeyboardInterrupt); ``on_ready(port)`` once listening."""
     import asyncio
+    import signal
 
     async def main():
+        stop = asyncio.Event()
+        # SIGTERM is how process managers (systemd, docker, kill) stop a service; SIGINT stays Ctrl-C's
+        # KeyboardInterrupt (a process started in the background by a shell may have it ignored).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         runner, bound = await _start(app, host, port)
         if on_ready is not None:
             on_ready(bound)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
 
