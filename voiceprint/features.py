@@ -1083,6 +1083,12 @@ def featurize_file(
             y = decode(fh, path, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction)
     if chunked:
         return _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds)
+    speech = _speech(y, path, sample_rate, vad)
+    return fn(speech, sample_rate=sample_rate), mfcc_stats(speech, sample_rate)
+
+
+def _speech(y: np.ndarray, path, sample_rate: int, vad: str) -> np.ndarray:
+    """The VAD's output, refused (AudioError naming ``path``) when no speech or too little is left."""
     try:
         speech = apply_vad(y, vad, sample_rate)
     except NoSpeechError as exc:
@@ -1091,7 +1097,20 @@ def featurize_file(
     n = num_frames(speech.shape[0], frame_len, frame_step)
     if speech.shape[0] <= frame_len or n < MIN_FRAMES:
         raise _too_short(path, speech.shape[0], vad, frame_len)
-    return fn(speech, sample_rate=sample_rate), mfcc_stats(speech, sample_rate)
+    return speech
+
+
+def featurize_signal(y: np.ndarray, kind: str, sample_rate: int = 16000, *, vad: str = "original",
+                     name: str = "<array>", with_stats: bool = False):
+    """Features of a signal already loaded and checked (:func:`voiceprint.audio.load_signal` / ``load_bytes``):
+    the model-input half of :func:`featurize_file` (VAD, then ``kind``), with the same errors naming ``name``.
+    ``with_stats``: ``(features, mfcc_stats)`` as :func:`featurize_file` returns (the statistics cost a second
+    pass, so only callers that use them ask)."""
+    fn = _check_kind(kind)
+    _check_vad(vad)
+    speech = _speech(y, name, sample_rate, vad)
+    features = fn(speech, sample_rate=sample_rate)
+    return (features, mfcc_stats(speech, sample_rate)) if with_stats else features
 
 
 def _warm_up(kind: str, sample_rate: int) -> None:
