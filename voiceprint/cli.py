@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no info messages on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug messages on stderr")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="bundle directory or .keras file "
                                        "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
@@ -381,7 +382,14 @@ def _error_kinds():
 
 def main(argv=None) -> int:
     _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from voiceprint import log
+
+    try:
+        log.configure(log.level_for(getattr(args, "verbose", False), getattr(args, "quiet", False)))
+    except ValueError as exc:
+        parser.error(str(exc))
     kinds = _error_kinds()
     try:
         return args.handler(args)

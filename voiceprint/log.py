@@ -1,0 +1,50 @@
+"""Logging setup for the package's entry points (the CLI and the stages).
+
+Every module logs through its own ``logging.getLogger(__name__)``, under the ``voiceprint`` logger; the library
+never configures logging itself, so an application embedding it decides what is shown. The CLI and the stage runner
+call :func:`configure`: concise lines on stderr, ``info`` as the bare message, warnings and errors prefixed
+(``warning: ...``, ``error: ...``), debug lines with the module they come from.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+PACKAGE_LOGGER = "voiceprint"
+_HANDLER_NAME = "voiceprint-stderr"
+
+
+class ConciseFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        if record.levelno < logging.INFO:
+            return f"debug {record.name}: {message}"
+        return message
+
+
+def level_for(verbose: int = 0, quiet: int = 0) -> int:
+    """``-v`` shows debug lines, ``-q`` hides info (warnings and errors stay), ``-qq`` hides warnings too."""
+    if verbose and quiet:
+        raise ValueError("--verbose and --quiet exclude each other")
+    if verbose:
+        return logging.DEBUG
+    return (logging.INFO, logging.WARNING, logging.ERROR)[min(quiet, 2)]
+
+
+def configure(level: int = logging.INFO, stream=None) -> logging.Logger:
+    """Send the package's log records at ``level`` and above to ``stream`` (default: the current stderr).
+    Calling it again replaces the handler (no duplicate lines)."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    for handler in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(ConciseFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False        # the root logger's handlers (if an application set some) would repeat it
+    return logger
