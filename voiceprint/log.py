@@ -46,5 +46,4 @@ def configure(level: int = logging.INFO, stream=None) -> logging.Logger:
     handler.setFormatter(ConciseFormatter())
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False        # the root logger's handlers (if an application set some) would repeat it
     return logger
