@@ -1,14 +1,18 @@
 """Figures: PNG files of the expected size, the same bytes for the same input, clear errors for bad input."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
+from tests.conftest import REPO  # noqa: E402
 from voiceprint import plots  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,3 +96,37 @@ def test_embedding_projection_deterministic(tmp_path, method):
     assert first.read_bytes() == second.read_bytes() and _size(first) == (650, 600)
     with pytest.raises(ValueError, match="45 embeddings but 3 speaker labels"):
         plots.embedding_projection(emb, ["a", "b", "c"], tmp_path / "p3.png", method=method)
+
+
+# --- DET points and the vega-lite template for `dvc plots` ---
+
+def test_det_table_adds_the_normal_deviates_of_both_rates():
+    from scipy.stats import norm
+
+    from voiceprint.plots import det_table
+
+    scores = [0.9, 0.8, 0.3, 0.7, 0.2, 0.1]
+    labels = [1, 1, 1, 0, 0, 0]
+    table = det_table(scores, labels)
+    assert list(table.columns) == ["threshold", "fpr", "fnr", "tpr", "fpr_deviate", "fnr_deviate"]
+    # at threshold 0.8: one of three non-targets accepted (0.7 < 0.8: none), one of three targets missed (0.3)
+    row = table[table.threshold == 0.8].iloc[0]
+    assert (row.fpr, row.fnr) == (0.0, 1 / 3)
+    assert row.fnr_deviate == pytest.approx(norm.ppf(1 / 3))
+    # a rate of 0 sits at the finest rate three trials can show
+    assert row.fpr_deviate == pytest.approx(norm.ppf(1 / 3))
+
+
+def test_the_committed_det_template_is_the_generated_one():
+    from voiceprint.plots import DET_TEMPLATE, det_vega_template
+
+    assert json.loads((REPO / DET_TEMPLATE).read_text()) == det_vega_template()
+
+
+def test_dvc_yaml_draws_det_curves_on_deviates_and_shows_every_evaluation_figure():
+    entries = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    by_name = {next(iter(p)) if isinstance(p, dict) else p: p for p in entries}
+    det = by_name["DET (all systems)"]["DET (all systems)"]
+    assert det["template"] == "det" and det["x"] == "fpr_deviate"
+    assert set(det["y"].values()) == {"fnr_deviate"}
+    assert "plots/eval" in by_name
