@@ -153,3 +153,37 @@ def test_real_speech_from_a_folder(tmp_path, shared_dir):
     # real speech: even the untrained-baseline statistics separate these speakers far better than chance
     assert report["mfcc_baseline"]["eer"] < 0.3
     assert stages_run(run(["dvc", "repro"], root, env)) == set()
+
+
+def test_a_temp_experiment_shows_epoch_rows_while_the_stage_trains(tmp_path):
+    """`dvc exp run --temp`: the softmax stage's DVCLive log has its first epoch rows on disk (what `dvc exp show`
+    and `dvc plots` read from the running experiment's folder) before the stage has written its model."""
+    import time
+
+    root, env = make_repo(tmp_path, {**TINY, "softmax": {**TINY["softmax"], "epochs": 4}})
+    proc = subprocess.Popen(["dvc", "exp", "run", "--temp", "softmax"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = None
+    try:
+        while proc.poll() is None and seen is None:
+            for live in (root / ".dvc/tmp/exps").glob("*/dvclive/softmax/metrics.json"):
+                workspace = live.parents[2]
+                try:
+                    summary = json.loads(live.read_text())
+                except ValueError:      # caught mid-write
+                    continue
+                if "loss" in summary and not (workspace / "models/softmax.keras").exists():
+                    seen = summary, pd_steps(live.parent / "plots/metrics/loss.tsv")
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert seen is not None, "no epoch row seen while the stage ran"
+    summary, steps = seen
+    assert summary["step"] == steps[-1] and steps == list(range(len(steps))) and len(steps) < 4
+
+
+def pd_steps(tsv: Path) -> list[int]:
+    lines = tsv.read_text().splitlines()[1:]
+    return [int(line.split("\t")[0]) for line in lines]
