@@ -172,7 +172,9 @@ def test_a_temp_experiment_shows_epoch_rows_while_the_stage_trains(tmp_path):
     seen = None
     try:
         while proc.poll() is None and seen is None:
-            for live in (root / ".dvc/tmp/exps").glob("*/dvclive/softmax/metrics.json"):
+            # the temporary workspace: .dvc/tmp/exps/standalone/tmpXXXX in DVC 3 (one level less before)
+            exps = root / ".dvc/tmp/exps"
+            for live in [*exps.glob("*/dvclive/softmax/metrics.json"), *exps.glob("*/*/dvclive/softmax/metrics.json")]:
                 workspace = live.parents[2]
                 try:
                     summary = json.loads(live.read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -130,3 +131,44 @@ def test_dvc_yaml_draws_det_curves_on_deviates_and_shows_every_evaluation_figure
     assert det["template"] == "det" and det["x"] == "fpr_deviate"
     assert set(det["y"].values()) == {"fnr_deviate"}
     assert "plots/eval" in by_name
+
+
+def test_dvc_plots_diff_overlays_the_det_curves_of_two_revisions(tmp_path):
+    """The DET plot of dvc.yaml with its template, in a repo whose DET points change between two revisions:
+    `dvc plots diff` renders both revisions' curves, on the deviate columns, in one plot."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    entries = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    det = next(p for p in entries if isinstance(p, dict) and "DET (all systems)" in p)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"plots": [det]}))
+    (tmp_path / plots.DET_TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / plots.DET_TEMPLATE, tmp_path / plots.DET_TEMPLATE)
+    labels = np.r_[np.ones(40), np.zeros(120)].astype(int)
+    (tmp_path / "plots/det").mkdir(parents=True)
+    for separation in (1.0, 2.0):
+        rng = np.random.default_rng(0)
+        for system in ("base", "head"):
+            scores = np.r_[rng.normal(separation, 1, 40), rng.normal(0, 1, 120)]
+            plots.det_table(scores, labels).to_csv(tmp_path / f"plots/det/{system}.csv", index=False)
+        if separation == 1.0:
+            run("git", "add", "-A")
+            run("git", "commit", "-qm", "first")
+    rendered = json.loads(run("dvc", "plots", "diff", "HEAD", "--json"))["data"]["DET (all systems)"][0]
+    assert rendered["type"] == "vega" and rendered["revisions"] == ["workspace", "HEAD"]
+    values = rendered["content"]["data"]["values"]
+    assert {(v["rev"], v["filename"]) for v in values} == {(rev, f"{system}.csv") for rev in ("workspace", "HEAD")
+                                                           for system in ("base", "head")}
+    layer = rendered["content"]["layer"][0]["encoding"]
+    assert (layer["x"]["field"], layer["y"]["field"]) == ("fpr_deviate", "fnr_deviate")
