@@ -162,36 +162,41 @@ def test_real_speech_from_a_folder(tmp_path, shared_dir):
 
 
 def test_a_temp_experiment_shows_epoch_rows_while_the_stage_trains(tmp_path):
-    """`dvc exp run --temp`: the softmax stage's DVCLive log has its first epoch rows on disk (what `dvc exp show`
-    and `dvc plots` read from the running experiment's folder) before the stage has written its model."""
+    """`dvc exp run --temp`: the softmax stage's DVCLive log has its first epoch rows on disk before the stage has
+    written its model, and `dvc exp show` shows them in the running experiment's row."""
+    import signal
     import time
 
-    root, env = make_repo(tmp_path, {**TINY, "softmax": {**TINY["softmax"], "epochs": 4}})
+    epochs = 40     # tiny epochs: long enough for `dvc exp show` to run while the stage still trains
+    root, env = make_repo(tmp_path, {**TINY, "softmax": {**TINY["softmax"], "epochs": epochs}})
     proc = subprocess.Popen(["dvc", "exp", "run", "--temp", "softmax"], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    exps = root / ".dvc/tmp/exps"      # the temporary workspace: exps/standalone/tmpXXXX in DVC 3
     seen = None
     try:
-        while proc.poll() is None and seen is None:
-            # the temporary workspace: .dvc/tmp/exps/standalone/tmpXXXX in DVC 3 (one level less before)
-            exps = root / ".dvc/tmp/exps"
+        deadline = time.monotonic() + 900
+        while seen is None:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline
             for live in [*exps.glob("*/dvclive/softmax/metrics.json"), *exps.glob("*/*/dvclive/softmax/metrics.json")]:
-                workspace = live.parents[2]
                 try:
                     summary = json.loads(live.read_text())
                 except ValueError:      # caught mid-write
                     continue
-                if "loss" in summary and not (workspace / "models/softmax.keras").exists():
-                    seen = summary, pd_steps(live.parent / "plots/metrics/loss.tsv")
+                if "loss" in summary and not (live.parents[2] / "models/softmax.keras").exists():
+                    seen = summary, _steps(live.parent / "plots/metrics/loss.tsv")
             time.sleep(0.05)
-        out, _ = proc.communicate(timeout=900)
+        shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
     finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-4000:]
-    assert seen is not None, "no epoch row seen while the stage ran"
+        os.killpg(proc.pid, signal.SIGKILL)     # the experiment and its stage: the rest of training is not needed
+        proc.wait()
     summary, steps = seen
-    assert summary["step"] == steps[-1] and steps == list(range(len(steps))) and len(steps) < 4
+    assert summary["step"] == steps[-1] and steps == list(range(len(steps)))
+    live_rows = [rev["data"]["metrics"]["dvclive/softmax/metrics.json"]["data"]
+                 for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]
+                 if "dvclive/softmax/metrics.json" in ((rev.get("data") or {}).get("metrics") or {})]
+    assert live_rows and all(0 <= row["step"] < epochs - 1 for row in live_rows), live_rows
 
 
-def pd_steps(tsv: Path) -> list[int]:
-    lines = tsv.read_text().splitlines()[1:]
-    return [int(line.split("\t")[0]) for line in lines]
+def _steps(tsv: Path) -> list[int]:
+    return [int(line.split("\t")[0]) for line in tsv.read_text().splitlines()[1:]]

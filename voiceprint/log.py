@@ -26,6 +26,21 @@ class ConciseFormatter(logging.Formatter):
         return message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a redirected or captured stderr too)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):     # StreamHandler.__init__ sets it; the property always answers sys.stderr
+        pass
+
+
 def level_for(verbose: int = 0, quiet: int = 0) -> int:
     """``-v`` shows debug lines, ``-q`` hides info (warnings and errors stay), ``-qq`` hides warnings too."""
     if verbose and quiet:
@@ -36,12 +51,12 @@ def level_for(verbose: int = 0, quiet: int = 0) -> int:
 
 
 def configure(level: int = logging.INFO, stream=None) -> logging.Logger:
-    """Send the package's log records at ``level`` and above to ``stream`` (default: the current stderr).
-    Calling it again replaces the handler (no duplicate lines)."""
+    """Send the package's log records at ``level`` and above to ``stream`` (default: ``sys.stderr`` as it is at
+    each record). Calling it again replaces the handler (no duplicate lines)."""
     logger = logging.getLogger(PACKAGE_LOGGER)
     for handler in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(ConciseFormatter())
     logger.addHandler(handler)
