@@ -85,3 +85,12 @@ def test_training_writes_each_epoch_to_the_live_log_while_it_runs(tmp_path):
     assert checkpoint.seen == [(1, []), (2, [0]), (3, [0, 1])]
     assert [v for _, v in _tsv(live_dir, "loss")] == trained.history["loss"].tolist()
     assert [v for _, v in _tsv(live_dir, "accuracy")] == trained.history["accuracy"].tolist()
+
+
+def test_a_row_cut_short_by_a_kill_makes_the_log_start_over_from_the_checkpoint(tmp_path):
+    _write(tmp_path / "live", ROWS[:2])
+    tsv = tmp_path / "live" / "plots" / "metrics" / "loss.tsv"
+    tsv.write_text(tsv.read_text() + "2\t")         # killed while DVCLive appended epoch 3's row
+    assert logged_steps(tmp_path / "live") == []
+    _write(tmp_path / "live", ROWS[2:], done=ROWS[:2])
+    assert _tsv(tmp_path / "live", "loss") == [(0, 2.0), (1, 1.5), (2, 1.25)]

@@ -287,4 +287,11 @@ def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     assert f"resuming from models/checkpoints/softmax/{CHECKPOINT_FILE}: {epochs_done} epoch(s) done" in rerun.stderr
     for output in ("models/softmax.keras", "plots/softmax.csv"):
         assert (killed / output).read_bytes() == (straight / output).read_bytes(), output
+    # the live log went on from the checkpoint: the same rows as the uninterrupted run's, one per epoch
+    live = Path("dvclive/softmax")
+    tables = sorted(p.relative_to(straight) for p in (straight / live / "plots/metrics").glob("*.tsv"))
+    assert {t.name for t in tables} >= {"loss.tsv", "accuracy.tsv", "val_loss.tsv", "val_accuracy.tsv"}
+    for output in [*tables, live / "metrics.json"]:
+        assert (killed / output).read_text() == (straight / output).read_text(), output
+    assert len((straight / live / "plots/metrics/loss.tsv").read_text().splitlines()) == 1 + SOFTMAX_STAGE["epochs"]
     assert not (killed / "models/checkpoints").exists()

@@ -32,12 +32,19 @@ def live_dir(stage: str) -> Path:
 
 
 def logged_steps(directory: str | Path) -> list[int]:
-    """The steps already in the log at ``directory`` (those of its ``loss`` plot; [] when there is none)."""
+    """The steps already in the log at ``directory`` (those of its ``loss`` plot; [] when there is none, or when a
+    kill cut a row short: the log is then written anew from the checkpoint)."""
     tsv = Path(directory) / "plots" / "metrics" / "loss.tsv"
     if not tsv.is_file():
         return []
-    with open(tsv, newline="") as fh:
-        return [int(row["step"]) for row in csv.DictReader(fh, delimiter="\t")]
+    try:
+        with open(tsv, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        for row in rows:
+            float(row["loss"])      # a row cut short has no value
+        return [int(row["step"]) for row in rows]
+    except (ValueError, KeyError, TypeError):
+        return []
 
 
 class EpochLog:
