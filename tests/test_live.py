@@ -94,3 +94,13 @@ def test_a_row_cut_short_by_a_kill_makes_the_log_start_over_from_the_checkpoint(
     assert logged_steps(tmp_path / "live") == []
     _write(tmp_path / "live", ROWS[2:], done=ROWS[:2])
     assert _tsv(tmp_path / "live", "loss") == [(0, 2.0), (1, 1.5), (2, 1.25)]
+
+
+def test_an_epoch_logged_for_some_metrics_only_makes_the_log_start_over(tmp_path):
+    _write(tmp_path / "live", ROWS[:1])
+    log = EpochLog(tmp_path / "live", ROWS[:1])
+    log.live.log_metric("loss", 1.5)                # killed before val_loss of epoch 2 was written
+    assert logged_steps(tmp_path / "live") == []
+    _write(tmp_path / "live", ROWS[2:], done=ROWS[:2])
+    assert _tsv(tmp_path / "live", "val_loss") == [(0, 2.5), (1, 2.25), (2, 2.125)]
+    assert _tsv(tmp_path / "live", "loss") == [(0, 2.0), (1, 1.5), (2, 1.25)]

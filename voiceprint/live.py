@@ -9,8 +9,9 @@ declare these files (``Live(dvcyaml=False)``); DVCLive never makes experiments o
 
 A resumed run (voiceprint/resume.py) continues the same log (``Live(resume=True)``) from its checkpoint's epoch.
 The checkpoint is saved before the epoch is logged, so a kill between the two leaves the log one epoch behind
-the checkpoint: the missing rows are written from the checkpoint's history. A log that does not match the
-checkpoint's epochs at all (removed, or from another run) is written anew from that history.
+the checkpoint: the missing row is written from the checkpoint's history. A log torn by a kill while DVCLive wrote
+it (an epoch in some metrics' files and not others, a row cut short), or that does not match the checkpoint's
+epochs at all (removed, or from another run), is written anew from that history.
 """
 from __future__ import annotations
 
@@ -32,19 +33,21 @@ def live_dir(stage: str) -> Path:
 
 
 def logged_steps(directory: str | Path) -> list[int]:
-    """The steps already in the log at ``directory`` (those of its ``loss`` plot; [] when there is none, or when a
-    kill cut a row short: the log is then written anew from the checkpoint)."""
-    tsv = Path(directory) / "plots" / "metrics" / "loss.tsv"
-    if not tsv.is_file():
-        return []
+    """The steps in the log at ``directory``: those every metric's plot holds, when they all hold the same ones.
+    [] when there is no log, or when a kill left it torn (a row cut short, or an epoch logged for some metrics and
+    not others): the log is then written anew from the checkpoint."""
+    tables = sorted((Path(directory) / "plots" / "metrics").glob("*.tsv"))
+    steps = []
     try:
-        with open(tsv, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        for row in rows:
-            float(row["loss"])      # a row cut short has no value
-        return [int(row["step"]) for row in rows]
+        for tsv in tables:
+            with open(tsv, newline="") as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t"))
+            for row in rows:
+                float(row[tsv.stem])        # a row cut short has no value
+            steps.append([int(row["step"]) for row in rows])
     except (ValueError, KeyError, TypeError):
         return []
+    return steps[0] if steps and all(s == steps[0] for s in steps) else []
 
 
 class EpochLog:
