@@ -104,3 +104,23 @@ def test_an_epoch_logged_for_some_metrics_only_makes_the_log_start_over(tmp_path
     _write(tmp_path / "live", ROWS[2:], done=ROWS[:2])
     assert _tsv(tmp_path / "live", "val_loss") == [(0, 2.5), (1, 2.25), (2, 2.125)]
     assert _tsv(tmp_path / "live", "loss") == [(0, 2.0), (1, 1.5), (2, 1.25)]
+
+
+def test_a_head_logs_each_epoch_of_its_own_training_loop(tmp_path):
+    import numpy as np
+
+    from voiceprint.models import build_head
+    from voiceprint.runtime import configure_tensorflow
+    from voiceprint.training import array_batches, fit_head
+
+    configure_tensorflow(0)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 8)
+    x = (rng.normal(size=(4, 6))[y] + 0.3 * rng.normal(size=(32, 6))).astype(np.float32)
+    batching = dict(loss="softmax", batch_size=8, utterances_per_speaker=2, steps=4)
+    head = build_head("dense", input_dim=6, units=8, layers_count=1, dropout=0.0, output_dim=4, contexts=None)
+    history = fit_head(head, array_batches(x, y, seed=0, **batching),
+                       array_batches(x, y, seed=1, shuffle=False, **batching), loss="softmax", num_classes=4,
+                       lr=1e-2, epochs=3, verbose=0, live_dir=tmp_path / "live")
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert _tsv(tmp_path / "live", name) == list(enumerate(history[name].tolist())), name
