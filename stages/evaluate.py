@@ -89,7 +89,7 @@ def main() -> None:
         scores[name] = cosine_scores(emb, ev.utterance.to_numpy(), trials)
         report[name] = report_system(scores[name], trials, emb, ev.speaker.to_numpy(), p_target=p_target,
                                      bootstrap=bootstrap, seed=seed)
-        write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], labels))
+        write_csv(f"plots/det/{name}.csv", plots.det_table(scores[name], labels))
     deltas, verdicts = guard_against_base(report, scores=scores, trials=trials, bootstrap=bootstrap, seed=seed)
     report.update(deltas)
     report["deployed"] = deploy
@@ -211,7 +211,7 @@ def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utt
     """Score the trials of system ``raw`` with AS-norm as system ``name`` (into ``report`` and ``scores``, with its
     DET points), and ``<name>_minus_<raw>_eer`` with its paired interval: does the normalisation help?
     Returns the line to print."""
-    from voiceprint import metrics
+    from voiceprint import plots
     from voiceprint.evaluation import as_norm_scores, paired_eer_difference_ci, report_system
     from voiceprint.outputs import write_csv
 
@@ -220,7 +220,7 @@ def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utt
     report[name] = report_system(scores[name], trials, None, None, p_target=p_target, bootstrap=bootstrap,
                                  seed=seed)
     report[name].update(cohort_speakers=len(cohort), cohort_top_n=top_n)
-    write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], trials.label.to_numpy()))
+    write_csv(f"plots/det/{name}.csv", plots.det_table(scores[name], trials.label.to_numpy()))
     key = f"{name}_minus_{raw}_eer"
     report[key] = report[name]["eer"] - report[raw]["eer"]
     line = f"{name} vs {raw}: EER {100 * report[key]:+.2f} points"

@@ -1,6 +1,7 @@
 """Stage tdnn_head: a head on the triplet model, dense on its embedding or a frame TDNN on its frame sequence
 (tdnn.* params except the fusion keys, which only the evaluate stage reads)."""
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.live import live_dir
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
@@ -27,7 +28,7 @@ def main() -> None:
 
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")
-    trained = train_head(base, store, split, **args)
+    trained = train_head(base, store, split, live_dir=live_dir("tdnn_head"), **args)
     save_keras_model(trained.model, "models/tdnn_head.keras")
     write_csv("plots/tdnn_head.csv", trained.history)
     last = trained.history.iloc[-1]

@@ -5,6 +5,7 @@ from pathlib import Path
 from voiceprint.checkpoint import init_checkpoint_path
 from voiceprint.distribute import STRATEGIES
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.live import live_dir
 from voiceprint.params import load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
@@ -45,7 +46,8 @@ def main() -> None:
             "triplet", {**args, "init_checkpoint": init},
             ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
              Path(__file__)], distribution)
-    trained = train_triplet(model, store, split, distribution=distribution, checkpoint=checkpoint, **args)
+    trained = train_triplet(model, store, split, distribution=distribution, checkpoint=checkpoint,
+                            live_dir=live_dir("triplet"), **args)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/triplet.keras")

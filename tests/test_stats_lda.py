@@ -107,6 +107,8 @@ def test_bundle_with_statistics_branch_embeds_jointly(tmp_path):
     rec = api.Recognizer(bundle)
     network = embed_features(model, [f.astype(np.float16).astype(np.float32) for f, _ in made])
     np.testing.assert_allclose(rec.embed_files(files), lda.joint(network, stats), atol=1e-5)
+    # audio in memory goes through the same statistics branch
+    np.testing.assert_allclose(rec.embed_files([files[0].read_bytes()]), lda.joint(network, stats)[:1], atol=1e-5)
     # a replaced projection no longer matches the calibration
     fit_stats_lda(stats, manifest.speaker.to_numpy(), weight=0.9).save(path / "stats_lda.npz")
     with pytest.raises(BundleError, match="stats_lda.npz: sha256 .* differs from stats_lda_sha256"):

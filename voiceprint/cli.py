@@ -461,7 +461,9 @@ def _global_flags(parser, *, default):
     # On the main parser (default False) and on each command (default SUPPRESS, so a command's parser does not
     # reset a flag given before the command name): `voiceprint --json verify` = `voiceprint verify --json`.
     parser.add_argument("--json", action="store_true", default=default, help="print one JSON document on stdout")
-    parser.add_argument("--quiet", action="store_true", default=default, help="no progress bar or notices")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bar, notices or info messages on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages on stderr")
     return parser
 
 
@@ -522,6 +524,12 @@ def main(argv=None) -> int:
     if at is not None and argv[at] in PASSTHROUGH:
         return PASSTHROUGH[argv[at]](argv[at + 1:])
     args = build_parser().parse_args(argv)
+    from voiceprint import log
+
+    try:
+        log.configure(log.level_for(getattr(args, "verbose", False), getattr(args, "quiet", False)))
+    except ValueError as exc:
+        build_parser().error(str(exc))
     kinds = _error_kinds()
     try:
         return args.handler(args)
