@@ -20,8 +20,7 @@ The graph reproduces :mod:`voiceprint.features` step by step:
   python_speech_features HTK filters, zero energies -> float64 eps, per-frame ``(v - mean) / max(std, 1e-12)``;
 * features rounded to float16 and back, as :meth:`voiceprint.api.Recognizer.features` does (the feature store
   keeps float16, so models are trained and calibrated on those values);
-* the model, or (``window_frames > 0``) the mean of its embeddings of windows (the last one flush with the end)
-  as :func:`voiceprint.embedding.windows`; then ``e / max(|e|, 1e-12)``.
+* the model on the whole utterance (bundles with ``window_frames > 0`` are refused), then ``e / max(|e|, 1e-12)``.
 
 Window, DFT and framing are one strided convolution whose kernel holds ``window * cos`` and ``window * sin`` of
 the NFFT-point DFT (the zero padding from frame_len to NFFT contributes nothing, so only frame_len rows exist);
@@ -98,6 +97,11 @@ def _settings_of(model, features):
         raise DataError(f"expected a model with one input (batch, frames, bands, 1); got {shape}")
     if int(shape[2]) != features.num_bands:
         raise DataError(f"features.num_bands is {features.num_bands}, but the model takes {shape[2]} bands")
+    if features.window_frames > 0:
+        # The windowed mean (voiceprint.embedding.windows) runs in TensorFlow, but tf2onnx 1.17 converts the
+        # reshape of the windows into a batch wrongly (the model then sees one window): refused, not approximated.
+        raise DataError(f"features.window_frames is {features.window_frames}: a PCM model embeds the whole "
+                        f"utterance in one pass (window_frames 0) only")
     return features
 
 
@@ -174,23 +178,9 @@ def _embed_fn(model, features, round_features: bool):
 
     settings = _settings_of(model, features)
     featurize = _frontend(settings, round_features)
-    window, hop = settings.window_frames, settings.hop_frames or settings.window_frames
 
     def embed(pcm):
-        feats = featurize(pcm)                               # (B, T, bands)
-        if window <= 0:
-            emb = model(tf.expand_dims(feats, 3), training=False)
-        else:
-            # voiceprint.embedding.windows: starts 0, hop, ... below T - L, plus T - L; L = min(T, window).
-            batch, frames = tf.shape(feats)[0], tf.shape(feats)[1]
-            length = tf.minimum(frames, window)
-            starts = tf.concat([tf.range(0, frames - length, hop), tf.reshape(frames - length, [1])], axis=0)
-            index = tf.expand_dims(starts, 1) + tf.expand_dims(tf.range(length), 0)        # (K, L)
-            crops = tf.gather(feats, index, axis=1)                     # (B, K, L, bands)
-            k = tf.shape(index)[0]
-            flat = tf.reshape(crops, tf.stack([batch * k, length, settings.num_bands, 1]))
-            emb = model(flat, training=False)
-            emb = tf.reduce_mean(tf.reshape(emb, tf.stack([batch, k, -1])), axis=1)
+        emb = model(tf.expand_dims(featurize(pcm), 3), training=False)
         norm = tf.sqrt(tf.reduce_sum(tf.square(emb), axis=-1, keepdims=True))
         return {OUTPUT_NAME: emb / tf.maximum(norm, STD_FLOOR)}
 
