@@ -112,7 +112,7 @@ def test_frontend_matrices_give_the_power_spectrum_and_filterbank():
 
 def test_onnx_pcm_model_embeds_like_the_package(model, onnx_file):
     embedder = P.load_pcm_onnx(onnx_file)
-    for i, n in enumerate((401, 561, 4000, 16000 * 3 + 17)):
+    for i, n in enumerate((401, 561, 16000 * 3 + 17)):
         signal = _speechlike(n, seed=10 + i)
         got = embedder(signal)
         want = _package_embedding(model, signal, DEFAULT_FEATURES)
@@ -186,8 +186,8 @@ def test_shipped_model_as_pcm_onnx_agrees_with_the_recognizer_on_real_files(tmp_
     rec = Recognizer(SHIPPED)
     embedder = P.load_pcm_onnx(P.export_pcm_onnx(rec.bundle.model, rec.bundle.features, tmp_path / "pcm.onnx"))
     files = sorted(SHARED.rglob("*.flac"))
-    # the shortest, the longest and two in between: 1-2 s up to ~30 s
+    # the shortest, the median and the longest file (by size): ~1.5 s to ~30 s; bench/pcm_model_check.py does all
     by_length = sorted(files, key=lambda p: p.stat().st_size)
-    for path in [by_length[0], by_length[len(by_length) // 3], by_length[2 * len(by_length) // 3], by_length[-1]]:
+    for path in [by_length[0], by_length[len(by_length) // 2], by_length[-1]]:
         speech = F.apply_vad(load_audio(path), rec.bundle.features.vad or "original")
         assert float(embedder(speech) @ rec.embed(path)) >= MIN_COSINE, path

@@ -318,7 +318,7 @@ def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
                                       "pcm-* also a bundle directory, whose features the graph computes")
     parser.add_argument("--format", required=True, choices=FORMATS + PCM_FORMATS,
                         help="original_h5 = the original Deep Speaker save_weights layout; pcm-onnx / pcm-tflite "
-                             "= 16 kHz PCM in, embedding out (docs/export.md)")
+                             "= 16 kHz PCM in, embedding out (docs/pcm-model.md)")
     parser.add_argument("-o", "--output", required=True, help="output file (directory for savedmodel)")
     args = parser.parse_args(argv)
     from voiceprint.runtime import configure_tensorflow, load_model

@@ -3,7 +3,7 @@
 ``export_pcm_onnx`` / ``export_pcm_tflite`` write a model whose input is the PCM signal itself, so a program in
 any language with ONNX Runtime (or an app with TFLite) needs nothing of this package to embed audio.
 
-Contract (docs/export.md): input ``pcm`` float32 ``(batch, samples)``, mono, at the bundle's sample rate (16 kHz
+Contract (docs/pcm-model.md): input ``pcm`` float32 ``(batch, samples)``, mono, at the bundle's sample rate (16 kHz
 for the shipped model), values in [-1, 1] (what :func:`voiceprint.audio.load_audio` decodes), any length; a batch
 holds utterances of equal length (each row is featurized and normalised on its own). Output ``embedding``
 float32 ``(batch, D)``, L2-normalised. The silence trim / VAD of the bundle stays OUTSIDE the graph: run it before
@@ -26,7 +26,7 @@ Window, DFT and framing are one strided convolution whose kernel holds ``window 
 the NFFT-point DFT (the zero padding from frame_len to NFFT contributes nothing, so only frame_len rows exist);
 the power spectrum's squares and the mel filter sum are one matmul (the filterbank stacked twice, for the real
 and imaginary parts). Both are builtin ops in ONNX and TFLite. Everything runs in float32 (the package computes
-the spectrum in float64); measured agreement: docs/export.md.
+the spectrum in float64); measured agreement: docs/pcm-model.md.
 
 The graph is built in TensorFlow around the Keras model and converted with tf2onnx (ONNX, opset 17) or the
 TFLite converter (builtin ops only), so both formats share one front end.
