@@ -33,6 +33,26 @@ from _shared_data import default_data, load_average  # noqa: E402
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
 
 
+def _joined_files(corpus, count: int, seconds: float, rate: int, directory: Path) -> list[Path]:
+    """``count`` float WAV files (read back bit-exactly) of consecutive corpus files joined to >= ``seconds``:
+    LibriSpeech-mini utterances last at most ~30 s."""
+    import soundfile as sf
+
+    from voiceprint.audio import load_audio
+
+    out, parts, total, it = [], [], 0, iter(corpus)
+    while len(out) < count:
+        signal = load_audio(next(it), rate)
+        parts.append(signal)
+        total += signal.shape[0]
+        if total >= seconds * rate:
+            path = directory / f"joined_{len(out)}.wav"
+            sf.write(path, np.concatenate(parts), rate, subtype="FLOAT")
+            out.append(path)
+            parts, total = [], 0
+    return out
+
+
 def main() -> int:
     from voiceprint.pretrained import SHIPPED
 
@@ -42,11 +62,13 @@ def main() -> int:
     ap.add_argument("--formats", nargs="+", choices=("onnx", "tflite"), default=["onnx", "tflite"])
     ap.add_argument("--min-cosine", type=float, default=0.9999)
     ap.add_argument("--limit", type=int, default=0, help="check only the first N files (0: all)")
+    ap.add_argument("--long", type=int, default=0,
+                    help="also check N files of ~--long-seconds made by joining consecutive corpus files")
+    ap.add_argument("--long-seconds", type=float, default=60.0)
     args = ap.parse_args()
 
-    files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-    if args.limit:
-        files = files[:args.limit]
+    corpus = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    files = corpus[:args.limit] if args.limit else list(corpus)
     if not files:
         print(f"no audio files under {args.data}", file=sys.stderr)
         return 2
@@ -62,6 +84,7 @@ def main() -> int:
           f"{len(files)} files under {args.data}; load {load_average()}")
     embedders = {}
     with tempfile.TemporaryDirectory() as tmp:
+        files += _joined_files(corpus, args.long, args.long_seconds, settings.sample_rate, Path(tmp))
         for fmt in args.formats:
             t0 = time.perf_counter()
             if fmt == "onnx":
