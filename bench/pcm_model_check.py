@@ -1,6 +1,7 @@
 """Does the raw-PCM model (features in the graph) embed every LibriSpeech-mini file as the package does?
 
     python bench/pcm_model_check.py [--data DIR] [--model voiceprint/pretrained/real-speech] [--formats onnx tflite]
+                                    [--limit N] [--long N --long-seconds 60]
 
 Exports ``--model`` (default: the shipped bundle) with :mod:`voiceprint.pcm_export` to a temporary directory,
 then for every audio file under ``--data`` (default ../shared/data/librispeech-mini) compares, in one process:
@@ -81,7 +82,10 @@ def main() -> int:
     rec = Recognizer(args.model)
     settings = rec.bundle.features
     print(f"model {args.model} (kind {settings.kind}, vad {settings.vad}, window_frames {settings.window_frames}); "
-          f"{len(files)} files under {args.data}; load {load_average()}")
+          f"{len(files)} files under {args.data}"
+          + (f" + {args.long} made by joining consecutive files to >= {args.long_seconds:g} s"
+             if args.long else "")
+          + f"; load {load_average()}")
     embedders = {}
     with tempfile.TemporaryDirectory() as tmp:
         files += _joined_files(corpus, args.long, args.long_seconds, settings.sample_rate, Path(tmp))
