@@ -154,6 +154,15 @@ def test_pcm_embedder_rejects_bad_shapes(onnx_file):
             embedder(bad)
 
 
+def test_loaders_name_a_missing_or_bad_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(FileNotFoundError, match="ONNX file .*nothing.onnx not found"):
+        P.load_pcm_onnx(tmp_path / "nothing.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.onnx: not a valid ONNX model"):
+        P.load_pcm_onnx(tmp_path / "bad.onnx")
+
+
 def test_export_refuses_other_bands_and_windowed_embedding(model, tmp_path):
     with pytest.raises(ValueError, match="num_bands is 40, but the model takes 64 bands"):
         P.export_pcm_onnx(model, {**DEFAULT_FEATURES, "num_bands": 40}, tmp_path / "x.onnx")

@@ -269,13 +269,19 @@ def _existing(path, what: str) -> Path:
 
 def load_pcm_onnx(path, *, num_threads: int | None = None) -> PcmEmbedder:
     """A :class:`PcmEmbedder` on onnxruntime for a file written by :func:`export_pcm_onnx`."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("load_pcm_onnx needs onnxruntime: pip install onnxruntime") from exc
 
     path = _existing(path, "ONNX")
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+        raise DataError(f"{path}: not a valid ONNX model: {exc}") from exc
     name = session.get_inputs()[0].name
     return PcmEmbedder(lambda x: session.run([OUTPUT_NAME], {name: x})[0], "pcm-onnx", str(path))
 
