@@ -7,7 +7,7 @@ Contract (docs/pcm-model.md): input ``pcm`` float32 ``(batch, samples)``, mono, 
 for the shipped model), values in [-1, 1] (what :func:`voiceprint.audio.load_audio` decodes), any length; a batch
 holds utterances of equal length (each row is featurized and normalised on its own). Output ``embedding``
 float32 ``(batch, D)``, L2-normalised. The silence trim / VAD of the bundle stays OUTSIDE the graph: run it before
-(``voiceprint.features.apply_vad``) to get the package's embeddings exactly; without it the model embeds the
+(``voiceprint.features.apply_vad``) to match the package's embeddings; without it the model embeds the
 whole signal.
 
 The graph reproduces :mod:`voiceprint.features` step by step:
