@@ -65,11 +65,8 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
     bins = nfft // 2 + 1
     if kind == "logmel_cmn":
         window = F._hann(frame_len)
-        import librosa
-
-        # What F._librosa_mel wraps (it keeps only the sparse form), float32 as the package's weights.
-        bank = librosa.filters.mel(sr=sample_rate, n_fft=nfft, n_mels=num_bands, fmin=20.0,
-                                   fmax=sample_rate / 2, dtype=np.float32).T.astype(np.float64)
+        # What F._librosa_mel wraps (it keeps only the sparse form): the package's float32 weights.
+        bank = F._slaney_mel(sample_rate, nfft, num_bands, 20.0, sample_rate / 2).T.astype(np.float64)
     elif kind == "fbank_norm":
         window = F._ones(frame_len)
         bank = F._psf_filterbank(num_bands, nfft, sample_rate, 1.0 / nfft)
