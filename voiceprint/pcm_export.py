@@ -84,7 +84,7 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
 
 
 def _settings_of(model, features):
-    """(num_bands, FeatureSettings) with a clear error for a model/settings mismatch."""
+    """``features`` as FeatureSettings, checked against the model (bands) and the graph (no windows)."""
     from voiceprint.bundle import FeatureSettings, parse_features
 
     if not isinstance(features, FeatureSettings):
