@@ -143,6 +143,22 @@ class Bundle:
                 "need a bundle written by the evaluate stage since it fits one (dvc repro evaluate)")
         return self.llr_calibration.llr(scores)
 
+    def prior_threshold(self, prior) -> tuple[str, float]:
+        """``("prior <p>", score)``: the score at which the LLR reaches the Bayes threshold ``-logit(prior)``, so
+        "score >= it" is the Bayes decision at that prior of a target. ThresholdError for a prior outside (0, 1),
+        NoLlrCalibrationError without an LLR calibration."""
+        from voiceprint.calibration import bayes_threshold
+
+        try:
+            value = float(prior)
+        except (TypeError, ValueError):
+            raise ThresholdError(f"prior {prior!r}: expected a probability in (0, 1)") from None
+        if not 0.0 < value < 1.0:
+            raise ThresholdError(f"prior {prior!r}: expected a probability in (0, 1) (the share of target trials)")
+        self.llr(0.0)       # NoLlrCalibrationError without one
+        cal = self.llr_calibration
+        return f"prior {value:g}", (bayes_threshold(value) - cal.offset) / cal.scale
+
 
 # ------------------------------------------------------------------------------------------------ validation
 

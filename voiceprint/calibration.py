@@ -192,6 +192,9 @@ def parse_calibration(data, source: str) -> LlrCalibration:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DataError(f"{source}: {key}: expected a finite number, got {value!r}")
         values[key] = float(value)
+    if values["scale"] <= 0:
+        raise DataError(f"{source}: scale: must be positive (higher scores mean more likely the same speaker), "
+                        f"got {values['scale']}")
     if not 0.0 < values["fit_prior"] < 1.0:
         raise DataError(f"{source}: fit_prior: must lie in (0, 1), got {values['fit_prior']}")
     return LlrCalibration(**values)
