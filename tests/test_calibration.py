@@ -147,3 +147,63 @@ def test_round_trip_and_bad_calibration_files():
         C.parse_calibration({**cal.to_dict(), "scale": float("nan")}, "x.json")
     with pytest.raises(DataError, match="x.json: fit_prior"):
         C.parse_calibration({**cal.to_dict(), "fit_prior": 1.0}, "x.json")
+
+
+def _speaker_embeddings(speakers=8, per_speaker=5, dim=16, spread=0.8, seed=0):
+    """Unit embeddings of ``speakers`` clusters (centroid + noise) and the split rows of their utterances."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(size=(speakers, dim))
+    rows, emb = [], []
+    for s in range(speakers):
+        for u in range(per_speaker):
+            rows.append((f"s{s}-{u}", f"s{s}", "evaluation"))
+            emb.append(centroids[s] + spread * rng.normal(size=dim) * np.linalg.norm(centroids[s]) / np.sqrt(dim))
+    emb = np.array(emb, np.float32)
+    return pd.DataFrame(rows, columns=["utterance", "speaker", "role"]), emb / np.linalg.norm(emb, axis=1,
+                                                                                               keepdims=True)
+
+
+def test_evaluate_fits_on_held_out_speakers_and_reports_on_the_others():
+    from stages.evaluate import fit_llr_on_held_out_speakers
+    from voiceprint.evaluation import cosine_scores
+    from voiceprint.splits import make_trials
+
+    ev, emb = _speaker_embeddings()
+    trials = make_trials(ev, max_nontarget=10_000, seed=0)
+    raw = cosine_scores(emb, ev.utterance.to_numpy(), trials)
+    report = {}
+    fitted, fit = fit_llr_on_held_out_speakers(report, "base", raw, ev, trials, emb, None, None, share=0.5,
+                                               prior=0.5, p_target=0.01, seed=3)
+    block = report["calibration"]
+    held = C.calibration_speakers(ev.speaker, 0.5, 3)
+    assert len(held) == 4 and block["fit_speakers"] == 4 and block["speakers"] == 4
+    # fitted on every pair among the held-out speakers: 4 x C(5, 2) targets, C(20, 2) - 40 non-targets
+    assert (block["fit_target_trials"], block["fit_nontarget_trials"]) == (40, 190 - 40)
+    # reported on the trials among the other 4 only: disjoint from the fit, nothing counted twice
+    touching = trials.enroll_speaker.isin(held) | trials.test_speaker.isin(held)
+    assert block["left_out_trials"] == int(touching.sum())
+    assert block["target_trials"] + block["nontarget_trials"] == int((~touching).sum())
+    assert block["calibrated"]["cllr"] < block["raw"]["cllr"]
+    assert block["calibrated"]["min_cllr"] == block["raw"]["min_cllr"]        # a monotone map: same PAV optimum
+    assert fitted.scale > 0 and fit["held_out"]["cllr"] == block["calibrated"]["cllr"]
+    # the same split and fit when run again (seeded)
+    again = {}
+    fit_llr_on_held_out_speakers(again, "base", raw, ev, trials, emb, None, None, share=0.5, prior=0.5,
+                                 p_target=0.01, seed=3)
+    assert again == report
+
+
+def test_evaluate_skips_the_calibration_with_too_few_speakers(capsys):
+    from stages.evaluate import fit_llr_on_held_out_speakers
+    from voiceprint.evaluation import cosine_scores
+    from voiceprint.splits import make_trials
+
+    ev, emb = _speaker_embeddings(speakers=3)
+    trials = make_trials(ev, max_nontarget=10_000, seed=0)
+    report = {}
+    assert fit_llr_on_held_out_speakers(report, "base", cosine_scores(emb, ev.utterance.to_numpy(), trials), ev,
+                                        trials, emb, None, None, share=0.5, prior=0.5, p_target=0.01,
+                                        seed=0) == (None, None)
+    assert report == {} and "too few to hold out calibration speakers" in capsys.readouterr().out

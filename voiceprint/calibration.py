@@ -198,3 +198,32 @@ def parse_calibration(data, source: str) -> LlrCalibration:
     if not 0.0 < values["fit_prior"] < 1.0:
         raise DataError(f"{source}: fit_prior: must lie in (0, 1), got {values['fit_prior']}")
     return LlrCalibration(**values)
+
+
+# ------------------------------------------------------------------------------------------------ held-out fit
+
+def calibration_speakers(speakers, share: float, seed: int) -> set | None:
+    """A seeded ``share`` of the distinct ``speakers`` to fit a calibration on, the rest to report it on; None when
+    either side would have fewer than 2 speakers (no non-target trial within it)."""
+    distinct = sorted(set(speakers))
+    count = int(round(share * len(distinct)))
+    if count < 2 or len(distinct) - count < 2:
+        return None
+    return set(np.random.default_rng(seed).choice(distinct, size=count, replace=False).tolist())
+
+
+def held_out_report(fit_scores, fit_labels, scores, labels, *, prior: float,
+                    p_target: float) -> tuple[LlrCalibration, dict]:
+    """Fit on (``fit_scores``, ``fit_labels``), judge on the disjoint (``scores``, ``labels``): the calibration and
+    ``{"raw": ..., "calibrated": ...}`` (:func:`llr_summary` of the raw scores taken as LLRs and of the
+    calibrated LLRs, plus ``eer``), the calibration's numbers and the trial counts of both sets."""
+    fitted = fit_llr_calibration(fit_scores, fit_labels, prior=prior)
+    labels = np.asarray(labels)
+    eer = metrics.eer(scores, labels)[0]
+    fit_labels = np.asarray(fit_labels)
+    report = {"raw": {**llr_summary(scores, labels, p_target), "eer": eer},
+              "calibrated": {**llr_summary(fitted.llr(scores), labels, p_target), "eer": eer},
+              "scale": fitted.scale, "offset": fitted.offset, "fit_prior": prior, "p_target": p_target,
+              "fit_target_trials": int(fit_labels.sum()), "fit_nontarget_trials": int((fit_labels == 0).sum()),
+              "target_trials": int(labels.sum()), "nontarget_trials": int((labels == 0).sum())}
+    return fitted, report

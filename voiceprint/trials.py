@@ -253,3 +253,30 @@ def score_trial_list(recognizer, trials_file: str | Path, audio_root: str | Path
     missing = resolved.missing.rename(columns={"reason": "status"})
     table = pd.concat([scored, missing], ignore_index=True).sort_values("line", kind="stable")
     return ScoredTrials(table.reset_index(drop=True), summary, resolved)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate stage
+
+TRIALS_FOLDER = "data/trials"     # evaluate.trials lists live here: dvc.yaml tracks the folder as a dependency
+
+
+def evaluation_trials(path: str | Path, index: pd.DataFrame, split: pd.DataFrame) -> tuple[pd.DataFrame,
+                                                                                              ResolvedTrials]:
+    """The evaluate stage's trials from a list (``evaluate.trials``) of utterance ids (or store paths): the columns
+    of ``splits.make_trials`` (label, enroll, test, enroll_speaker, test_speaker) for the trials whose two
+    utterances are evaluation utterances, and the resolution (what could not be scored, and why)."""
+    listed, _ = read_trials(path)
+    evaluation = split[split.role == "evaluation"]
+    resolved = resolve_utterances(listed, index, evaluation.utterance)
+    counts = resolved.counts()
+    if resolved.trials.empty or resolved.trials.label.nunique() < 2:
+        raise DataError(f"{path}: {counts['scored_trials']} of {counts['listed_trials']} trials name two evaluation "
+                        "utterances, and they need both target and non-target trials; not scorable: "
+                        + "; ".join(f"{e} ({r})" for e, r in resolved.missing_entries.head(3).itertuples(index=False)))
+    speaker = dict(zip(split.utterance, split.speaker))
+    table = resolved.trials
+    trials = pd.DataFrame({"label": table.label.to_numpy(), "enroll": table.enroll_key.to_numpy(),
+                           "test": table.test_key.to_numpy(),
+                           "enroll_speaker": table.enroll_key.map(speaker).to_numpy(),
+                           "test_speaker": table.test_key.map(speaker).to_numpy()})
+    return trials, resolved
