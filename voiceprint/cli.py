@@ -317,7 +317,12 @@ def _llr_fields(rec, result) -> dict:
 def _llr_text(llr: dict) -> str:
     if not llr:
         return ""
-    return f"; LLR {llr['llr']:+.3f}" + (f" (decided at prior {llr['prior']:g})" if llr.get("prior") else "")
+    if llr.get("prior") is None:
+        return f"; LLR {llr['llr']:+.3f}"
+    from voiceprint.calibration import bayes_threshold
+
+    bayes = bayes_threshold(llr["prior"])
+    return f"; LLR {llr['llr']:+.3f} {'>=' if llr['llr'] >= bayes else '<'} {bayes:.3f} (the Bayes threshold)"
 
 
 def cmd_score(args) -> int:
