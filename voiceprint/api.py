@@ -13,8 +13,9 @@
 Scores are cosine similarities in [-1, 1], or, with a bundle that carries an AS-norm cohort (``score_norm: as_norm``,
 written by the evaluate stage under ``evaluate.score_norm: as_norm``), those cosines normalised by AS-norm
 (``voiceprint.score_norm``), which is how that bundle's thresholds were calibrated; ``score_norm`` in each result
-says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's calibration (``"eer"``,
-``"low_far"``) or are given as numbers. Files are processed exactly as the
+says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's thresholds.json (``"eer"``,
+``"low_far"``) or are given as numbers; a bundle with llr_calibration.json also maps scores to log-likelihood
+ratios (:meth:`Recognizer.llr`) and decides at a prior of a target (``verify_at_prior``, ``identify_at_prior``). Files are processed exactly as the
 pipeline processed its training and evaluation audio (the bundle's feature settings, then the feature store's
 float16 rounding), so a file embeds here as in the evaluate stage and the calibration applies: bit-identical, or
 within float32 round-off (~1e-7) where files of equal frame count share a batch.
