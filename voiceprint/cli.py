@@ -334,7 +334,9 @@ def cmd_score(args) -> int:
         raise InputError(f"score: --prior {args.prior}: expected a probability in (0, 1)")
     if args.out:
         _check_not_directory(args.out)
-    read_trials(args.trials)        # a malformed list fails before the slow model load
+    read_trials(args.trials)        # a malformed list or a wrong folder fails before the slow model load
+    if not Path(args.audio_root).is_dir():
+        raise InputError(f"score: --audio-root {args.audio_root}: not a folder")
     rec = _recognizer(args)
     result = score_trial_list(rec, args.trials, args.audio_root, p_target=args.prior, progress=_progress(args))
     s = result.summary
