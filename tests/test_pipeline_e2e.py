@@ -124,7 +124,7 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     assert experiment("tdnn.fusion=score", "tdnn.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
     report = json.loads((root / "metrics/eval.json").read_text())
     assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
-    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())
     assert calibration["system"] == "fused" and calibration["embedding_dim"] == 16 + 8
     assert calibration["thresholds"]["eer"] == pytest.approx(report["fused"]["eer_threshold"])
     # The MFCC-statistics branch and AS-norm are evaluate's alone; the bundle then serves the joint system.

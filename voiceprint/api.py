@@ -16,8 +16,9 @@
 Scores are cosine similarities in [-1, 1], or, with a bundle that carries an AS-norm cohort (``score_norm: as_norm``,
 written by the evaluate stage under ``evaluate.score_norm: as_norm``), those cosines normalised by AS-norm
 (``voiceprint.score_norm``), which is how that bundle's thresholds were calibrated; ``score_norm`` in each result
-says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's calibration (``"eer"``,
-``"low_far"``) or are given as numbers. Files are processed exactly as the
+says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's thresholds.json (``"eer"``,
+``"low_far"``) or are given as numbers; a bundle with llr_calibration.json also maps scores to log-likelihood
+ratios (:meth:`Recognizer.llr`) and decides at a prior of a target (``verify_at_prior``, ``identify_at_prior``). Files are processed exactly as the
 pipeline processed its training and evaluation audio (the bundle's feature settings, then the feature store's
 float16 rounding), so a file embeds here as in the evaluate stage and the calibration applies: bit-identical, or
 within float32 round-off (~1e-7) where files of equal frame count share a batch.
@@ -225,6 +226,8 @@ class Verification:
     threshold_name: str      # "eer", "low_far" or "explicit"
     same_speaker: bool       # score >= threshold
     score_norm: str = "none"   # "none" (cosine) or "as_norm"
+    llr: float | None = None     # verify_at_prior: the score's log-likelihood ratio (llr_calibration.json)
+    prior: float | None = None   # verify_at_prior: the prior of a target the decision was made at
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ class Identification:
     threshold_name: str
     candidates: list[SpeakerScore]    # the top speakers, best first
     score_norm: str = "none"          # "none" (cosine) or "as_norm"
+    llr: float | None = None          # identify_at_prior: the best speaker's log-likelihood ratio
+    prior: float | None = None        # identify_at_prior: the prior the decision was made at
 
     @property
     def known(self) -> bool:
@@ -403,3 +408,32 @@ class Recognizer:
         best = scores[0]
         return Identification(best.speaker if best.score >= value else UNKNOWN, best.score, value, name,
                               scores[:top], self.score_norm)
+
+    # ----------------------------------------------------------------------------------------- LLRs
+
+    def llr(self, scores) -> np.ndarray:
+        """Scores as log-likelihood ratios (the bundle's llr_calibration.json; NoLlrCalibrationError without)."""
+        return self.bundle.llr(scores)
+
+    def verify_at_prior(self, a: str | Path, b: str | Path, *, prior: float) -> Verification:
+        """:meth:`verify` with the Bayes decision at ``prior`` (the share of same-speaker pairs expected):
+        same speaker iff the LLR >= -log(prior / (1 - prior)); ``threshold`` is the score where that happens."""
+        import dataclasses
+
+        name, value = self.bundle.prior_threshold(prior)
+        result = self.verify(a, b)      # at the EER threshold (a bundle with an LLR calibration has one) ...
+        # ... then decided again at the prior: score >= value is llr >= -logit(prior), the scale being positive
+        llr = float(self.llr(result.score))
+        return dataclasses.replace(result, threshold=value, threshold_name=name, same_speaker=result.score >= value,
+                                   llr=llr, prior=float(prior))
+
+    def identify_at_prior(self, registry: Registry, path: str | Path, *, prior: float,
+                          top: int = 1) -> Identification:
+        """:meth:`identify` with the Bayes decision at ``prior`` for the best speaker (see :meth:`verify_at_prior`)."""
+        import dataclasses
+
+        name, value = self.bundle.prior_threshold(prior)
+        result = self.identify(registry, path, top=top)     # then decided again at the prior, as verify_at_prior
+        best = result.candidates[0]
+        return dataclasses.replace(result, speaker=best.speaker if best.score >= value else UNKNOWN, threshold=value,
+                                   threshold_name=name, llr=float(self.llr(best.score)), prior=float(prior))

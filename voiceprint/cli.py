@@ -1,5 +1,5 @@
-"""The ``voiceprint`` console command: embed, verify, compare, enroll, identify, speakers, cluster, serve (an HTTP
-service), export (model formats) and preset (params presets as dvc flags).
+"""The ``voiceprint`` console command: embed, verify, compare, enroll, identify, speakers, cluster, score (a trial
+list), serve (an HTTP service), export (model formats) and preset (params presets as dvc flags).
 
 Human-readable output by default, one JSON document on stdout with ``--json`` (for other programs, which can drive
 this command by subprocess from any Python environment). Errors: one line on stderr (and, with ``--json``, an
@@ -8,7 +8,8 @@ this command by subprocess from any Python environment). Errors: one line on std
     0  success                      3  model missing or invalid      5  registry error (missing or empty registry,
     1  unexpected error (I/O ...)   4  bad audio (missing, unreadable,  unknown speaker, another model's embeddings,
     2  usage (bad arguments,           silent, too short ...)           bad speaker name)
-       threshold, no audio files)
+       threshold, no audio files,
+       bad trial list)
 
 Output files are written atomically: on any error nothing is left half-written. ``--json`` and ``--quiet`` go
 before or after the command; ``voiceprint --print-completion bash|zsh`` prints a shell completion script.
@@ -175,15 +176,20 @@ def cmd_embed(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_prior_or_threshold(args)
     rec = _recognizer(args)
-    result = rec.verify(args.a, args.b, threshold=args.threshold or "eer")
+    if args.prior is not None:
+        result = rec.verify_at_prior(args.a, args.b, prior=args.prior)
+    else:
+        result = rec.verify(args.a, args.b, threshold=args.threshold or "eer")
     verdict = "same speaker" if result.same_speaker else "different speakers"
     relation = ">=" if result.same_speaker else "<"
+    llr = _llr_fields(rec, result)
     return _emit(args, {**_model_info(rec), "a": args.a, "b": args.b, "score": result.score,
                         "threshold": result.threshold, "threshold_name": result.threshold_name,
-                        "same_speaker": result.same_speaker},
+                        "same_speaker": result.same_speaker, **llr},
                  f"{verdict}: score {result.score:.4f} {relation} threshold {result.threshold:.4f} "
-                 f"({_threshold_label(result.threshold_name, rec)})")
+                 f"({_threshold_label(result.threshold_name, rec)})" + _llr_text(llr))
 
 
 def cmd_compare(args) -> int:
@@ -229,9 +235,13 @@ def cmd_enroll(args) -> int:
 
 
 def cmd_identify(args) -> int:
+    _check_prior_or_threshold(args)
     rec = _recognizer(args)
     with _registry(args, create=False) as reg:
-        result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
+        if args.prior is not None:
+            result = rec.identify_at_prior(reg, args.file, top=args.top, prior=args.prior)
+        else:
+            result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
     best = result.candidates[0]
     label = _threshold_label(result.threshold_name, rec)
     if result.known:
@@ -239,13 +249,15 @@ def cmd_identify(args) -> int:
     else:
         human = [f"unknown: best {best.speaker} scores {best.score:.4f} < threshold {result.threshold:.4f} "
                  f"({label})"]
+    llr = _llr_fields(rec, result)
+    human[0] += _llr_text(llr)
     if args.top > 1:
         human += [f"  {c.score:8.4f}  {c.speaker} ({c.enrollments} enrolment(s))" for c in result.candidates]
     return _emit(args, {**_model_info(rec), "file": args.file, "speaker": result.speaker, "known": result.known,
                         "score": result.score, "threshold": result.threshold,
                         "threshold_name": result.threshold_name,
                         "candidates": [{"speaker": c.speaker, "score": c.score, "enrollments": c.enrollments}
-                                       for c in result.candidates]},
+                                       for c in result.candidates], **llr},
                  "\n".join(human))
 
 
@@ -349,6 +361,67 @@ def cmd_export(argv: list[str]) -> int:
 
 # Commands whose arguments another module's parser reads as they are (its own --help).
 PASSTHROUGH = {"export": cmd_export}
+def _check_prior_or_threshold(args) -> None:
+    from voiceprint.api import InputError
+
+    if args.prior is not None and args.threshold is not None:
+        raise InputError("give --threshold or --prior, not both")
+
+
+def _llr_fields(rec, result) -> dict:
+    """``llr`` (and ``prior`` when the decision was made at one) for a bundle with an LLR calibration."""
+    if result.llr is not None:
+        return {"llr": result.llr, "prior": result.prior}
+    if rec.bundle.llr_calibration is None:
+        return {}
+    return {"llr": float(rec.llr(result.score))}
+
+
+def _llr_text(llr: dict) -> str:
+    if not llr:
+        return ""
+    if llr.get("prior") is None:
+        return f"; LLR {llr['llr']:+.3f}"
+    from voiceprint.calibration import bayes_threshold
+
+    bayes = bayes_threshold(llr["prior"])
+    return f"; LLR {llr['llr']:+.3f} {'>=' if llr['llr'] >= bayes else '<'} {bayes:.3f} (the Bayes threshold)"
+
+
+def cmd_score(args) -> int:
+    from voiceprint.api import InputError
+    from voiceprint.outputs import atomic_path
+    from voiceprint.trials import read_trials, score_trial_list
+
+    if not 0.0 < args.prior < 1.0:
+        raise InputError(f"score: --prior {args.prior}: expected a probability in (0, 1)")
+    if args.out:
+        _check_not_directory(args.out)
+    read_trials(args.trials)        # a malformed list or a wrong folder fails before the slow model load
+    if not Path(args.audio_root).is_dir():
+        raise InputError(f"score: --audio-root {args.audio_root}: not a folder")
+    rec = _recognizer(args)
+    result = score_trial_list(rec, args.trials, args.audio_root, p_target=args.prior, progress=_progress(args))
+    s = result.summary
+    missing = list(result.resolved.missing_entries.itertuples(index=False))
+    payload = {**_model_info(rec), "trials": str(args.trials), "audio_root": str(args.audio_root), **s,
+               "missing": [{"entry": e, "reason": r} for e, r in missing]}
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            result.table.to_csv(tmp, sep="\t", index=False, lineterminator="\n", na_rep="")
+        payload["output"] = str(args.out)
+    what = "calibrated LLRs" if s["calibrated"] else "raw scores taken as LLRs (the bundle has no LLR calibration)"
+    human = [f"{s['scored_trials']} of {s['listed_trials']} trials scored ({s['target_trials']} target, "
+             f"{s['nontarget_trials']} non-target); {s['missing_trials']} not scored: {s['missing_entries']} "
+             "entries missing or unusable",
+             f"EER {100 * s['eer']:.2f}%  minDCF {s['min_dcf']:.3f}  actDCF {s['act_dcf']:.3f}  "
+             f"Cllr {s['cllr']:.3f}  minCllr {s['min_cllr']:.3f}  (prior {args.prior:g}; Cllr/actDCF of {what})"]
+    human += [f"  not scored: {e} ({r})" for e, r in missing[:10]]
+    if s["missing_entries"] > 10:
+        human.append(f"  ... and {s['missing_entries'] - 10} more" + (f" (all in {args.out})" if args.out else ""))
+    if args.out:
+        human.append(f"scores of every listed trial written to {args.out}")
+    return _emit(args, payload, "\n".join(human))
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -361,6 +434,10 @@ class _Parser(argparse.ArgumentParser):
         if _Parser.json_errors:
             print(json.dumps({"error": {"kind": "usage", "message": message, "exit_code": EXIT_USAGE}}))
         super().error(message)
+
+
+PRIOR_HELP = ("decide at this prior of a same-speaker pair (e.g. 0.01) from the LLR of the bundle's "
+              "llr_calibration.json, instead of at a threshold")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common, model, threshold], help="are two recordings the same speaker?")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
+    p.add_argument("--prior", type=float, metavar="P", help=PRIOR_HELP)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("compare", parents=[common, model, threshold],
@@ -412,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which enrolled speaker is this (or unknown)?")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--top", type=_positive_int, default=1, metavar="K", help="also list the K best speakers")
+    p.add_argument("--prior", type=float, metavar="P", help=PRIOR_HELP)
     p.set_defaults(handler=cmd_identify)
 
     p = sub.add_parser("speakers", help="list or remove enrolled speakers")
@@ -454,7 +533,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", metavar="PRESET.yaml", help="a partial params.yaml (every key must exist in --base)")
     p.add_argument("--base", default="params.yaml", help="the full params file (default %(default)s)")
     p.set_defaults(handler=cmd_preset)
+    p = sub.add_parser("score", parents=[common, model],
+                       help="score a trial list (Kaldi or VoxCeleb format): EER, minDCF, Cllr, actDCF")
+    p.add_argument("--trials", required=True, metavar="FILE", help="'<enroll> <test> target|nontarget' (Kaldi) or "
+                                                                   "'1|0 <enroll> <test>' (VoxCeleb) lines")
+    p.add_argument("--audio-root", required=True, metavar="DIR", help="folder the list's audio paths are under")
+    p.add_argument("--out", metavar="SCORES.tsv", help="write every listed trial with its score (and LLR) here")
+    p.add_argument("--prior", type=float, default=0.01, metavar="P",
+                   help="prior of a target trial for minDCF and actDCF (default 0.01)")
+    p.set_defaults(handler=cmd_score)
     return parser
+
+
+GLOBAL_FLAGS = ("--json", "-q", "--quiet", "-v", "--verbose")
 
 
 def _global_flags(parser, *, default):
@@ -500,19 +591,22 @@ def _error_kinds():
     from voiceprint.audio import AudioError
     from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
     from voiceprint.params import ParamsError
+    from voiceprint.errors import DataError
     from voiceprint.registry import RegistryError
 
     # Order matters: AudioError, InputError and the bundle errors are ValueErrors; the first match wins.
     return [(AudioError, "bad_audio", EXIT_AUDIO), (ModelNotFoundError, "model", EXIT_MODEL),
             (BundleError, "model", EXIT_MODEL), (RegistryError, "registry", EXIT_REGISTRY),
             (ThresholdError, "usage", EXIT_USAGE), (InputError, "usage", EXIT_USAGE),
-            (ParamsError, "usage", EXIT_USAGE), (OSError, "io", EXIT_ERROR)]
+            (ParamsError, "usage", EXIT_USAGE),
+            (DataError, "usage", EXIT_USAGE),     # a bad trial list, or one with nothing to score
+            (OSError, "io", EXIT_ERROR)]
 
 
 def _command_position(argv: list[str]) -> int | None:
     """Index of the command name: the first argument that is not a global flag."""
     for i, arg in enumerate(argv):
-        if arg not in ("--json", "--quiet"):
+        if arg not in GLOBAL_FLAGS:
             return i if not arg.startswith("-") else None
     return None
 
