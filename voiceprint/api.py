@@ -188,9 +188,12 @@ class Recognizer:
     """A loaded model bundle and the operations on audio files. ``model``: a bundle directory, a ``.keras`` file
     or an already loaded :class:`~voiceprint.bundle.Bundle`; default ``$VOICEPRINT_MODEL`` or models/voiceprint."""
 
-    def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None):
+    def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None,
+                 backend: str = "auto"):
+        # backend: "onnx" (ONNX Runtime, no TensorFlow), "keras", or "auto": onnx when the bundle has model.onnx
+        # and onnxruntime is installed, else keras (voiceprint.bundle explains why onnx is preferred).
         self.bundle = model if isinstance(model, Bundle) else load_bundle(checked_model_path(model),
-                                                                          features=features)
+                                                                          features=features, backend=backend)
         from voiceprint.features import featurize_file
 
         self._featurize = featurize_file
@@ -203,6 +206,11 @@ class Recognizer:
     @property
     def model_sha256(self) -> str:
         return self.bundle.model_sha256
+
+    @property
+    def backend(self) -> str:
+        """What runs the model: ``onnx`` (ONNX Runtime) or ``keras`` (TensorFlow)."""
+        return self.bundle.backend
 
     @property
     def shipped(self) -> dict | None:

@@ -1,13 +1,20 @@
 """Embedding utterances with a trained model: whole utterances, or the mean over sliding windows."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from tqdm import tqdm
 
-from voiceprint.store import FeatureStore
+if TYPE_CHECKING:   # only an annotation: the runtime (ONNX) path must not import pandas through the store
+    from voiceprint.store import FeatureStore
 
 
 def _compiled(model, num_bands: int):
+    from voiceprint.export import Embedder
+
+    if isinstance(model, Embedder):   # an exported model (ONNX Runtime): already (B, T, bands, 1) -> (B, D)
+        return model
     import tensorflow as tf
 
     # One trace for every utterance length (a Keras predict would retrace per new length).

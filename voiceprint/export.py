@@ -155,6 +155,47 @@ def export_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET) -> Path:
     return path
 
 
+# Lengths (frames) the ONNX export is checked at: not multiples of the model's 16x time reduction, a 1-frame edge,
+# 1 s, 4 s and 12 s of audio; one batch of two, because the bundle's users batch equal-length utterances.
+VERIFY_FRAMES = (1, 37, 98, 411, 1200)
+MIN_ONNX_COSINE = 0.99999
+
+
+class ExportMismatchError(ValueError):
+    """An exported model whose embeddings differ from the Keras model's (the export is not written)."""
+
+
+def check_onnx(model, path: str | Path, *, frames=VERIFY_FRAMES, min_cosine: float = MIN_ONNX_COSINE,
+               seed: int = 0) -> float:
+    """The smallest cosine between Keras and ONNX Runtime embeddings of random features at each of ``frames``
+    (batches of 2); ExportMismatchError when it is below ``min_cosine``."""
+    bands = _num_bands(model)
+    onnx_embedder = load_onnx_embedder(path, num_threads=1)
+    rng = np.random.default_rng(seed)
+    worst = 1.0
+    for n in frames:
+        x = rng.normal(size=(2, n, bands, 1)).astype(np.float32)
+        want = np.asarray(model(x, training=False), dtype=np.float64)
+        got = onnx_embedder(x).astype(np.float64)
+        cos = np.sum(want * got, -1) / np.maximum(np.linalg.norm(want, axis=-1) * np.linalg.norm(got, axis=-1),
+                                                   1e-30)
+        worst = min(worst, float(cos.min()))
+        if not worst >= min_cosine:
+            raise ExportMismatchError(f"{path}: ONNX embeddings differ from the Keras model's at {n} frames "
+                                      f"(cosine {worst:.7f} < {min_cosine}); not using this export")
+    return worst
+
+
+def export_checked_onnx(model, path: str | Path, *, min_cosine: float = MIN_ONNX_COSINE) -> float:
+    """:func:`export_onnx`, then :func:`check_onnx` before the file appears at ``path``: a failed check leaves
+    nothing there. Returns the smallest cosine seen."""
+    path = Path(path)
+    _ensure_parent(path)
+    with atomic_path(path) as tmp:
+        export_onnx(model, tmp)
+        return check_onnx(model, tmp, min_cosine=min_cosine)
+
+
 # ------------------------------------------------------------------------------------------------ load
 
 class Embedder:
@@ -177,6 +218,11 @@ class Embedder:
 
     def __repr__(self):
         return f"Embedder(format={self.format!r}, source={self.source!r}, num_bands={self.num_bands})"
+
+    @property
+    def input_shape(self) -> tuple:
+        """Keras-style ``(None, None, bands, 1)``, so code that reads a Keras model's shapes takes an Embedder."""
+        return (None, None, self.num_bands, 1)
 
     def __call__(self, features) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)
@@ -336,7 +382,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["FORMATS", "main", "Embedder", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
+__all__ = ["FORMATS", "main", "Embedder", "ExportMismatchError", "check_onnx", "export_checked_onnx", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
            "export_onnx", "keras_embedder", "load_savedmodel_embedder", "load_tflite_embedder",
            "load_onnx_embedder"]
 

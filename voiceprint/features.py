@@ -43,7 +43,6 @@ from typing import Callable, Iterable, Iterator
 
 import numba
 import numpy as np
-import scipy.fft
 
 from voiceprint.audio import AudioError, ChunkedAudio, decode, open_audio
 from voiceprint.errors import WorkerDiedError
@@ -657,15 +656,44 @@ def _fbank_of_frames(sig: np.ndarray, start: int, count: int, sample_rate: int, 
 # ---------------------------------------------------------------------------
 
 
+def _slaney_hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    # librosa.hz_to_mel(htk=False), the same float64 operations in the same order
+    mels = hz / (200.0 / 3)
+    log_t = hz >= 1000.0
+    mels[log_t] = 1000.0 / (200.0 / 3) + np.log(hz[log_t] / 1000.0) / (np.log(6.4) / 27.0)
+    return mels
+
+
+def _slaney_mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    # librosa.mel_to_hz(htk=False)
+    freqs = (200.0 / 3) * mels
+    log_t = mels >= 1000.0 / (200.0 / 3)
+    freqs[log_t] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels[log_t] - 1000.0 / (200.0 / 3)))
+    return freqs
+
+
+def slaney_mel(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """(n_mels, 1 + n_fft // 2) float32 Slaney mel filters: ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft,
+    n_mels=n_mels, fmin=fmin, fmax=fmax, dtype=np.float32)`` bit for bit (tests/test_runtime.py), without
+    importing librosa (whose scipy.signal import cost seconds of every cold start)."""
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    fftfreqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    bounds = _slaney_hz_to_mel(np.array([fmin, fmax], dtype=np.float64))
+    mel_f = _slaney_mel_to_hz(np.linspace(bounds[0], bounds[1], n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, np.newaxis]
+    return weights
+
+
 @functools.lru_cache(maxsize=16)
 def _librosa_mel(sample_rate: int, n_fft: int, n_mels: int, fmin: float):
     """Sparse (see _sparse_bands) float32 Slaney mel filters (librosa defaults, fmax sr/2); cached."""
-    import librosa  # heavy import, only where needed
-
-    mel = librosa.filters.mel(
-        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=sample_rate / 2, dtype=np.float32
-    )
-    return _sparse_bands(mel.T)
+    return _sparse_bands(slaney_mel(sample_rate, n_fft, n_mels, fmin, sample_rate / 2).T)
 
 
 @functools.lru_cache(maxsize=4)
@@ -781,6 +809,8 @@ def _mfcc_db_of_frames(y: np.ndarray, start: int, count: int, sample_rate: int) 
 @functools.lru_cache(maxsize=4)
 def _dct_ortho(n_in: int, n_out: int) -> np.ndarray:
     """(n_in, n_out): x @ it = scipy.fft.dct(x, type=2, norm='ortho')[..., :n_out] (what librosa.feature.mfcc uses)."""
+    import scipy.fft  # only for the mfcc baseline; a cold start of the runtime does not pay for it
+
     matrix = np.ascontiguousarray(scipy.fft.dct(np.eye(n_in), type=2, norm="ortho", axis=0)[:n_out].T)
     matrix.setflags(write=False)
     return matrix
