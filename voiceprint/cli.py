@@ -57,16 +57,37 @@ def _recognizer(args):
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model = require_model(checked_model_path(args.model))   # fail fast, before the slow TensorFlow import
-    _import_tensorflow_quietly()
-    from voiceprint.runtime import configure_tensorflow
+    backend = getattr(args, "backend", "auto")
+    if backend == "keras" or (backend == "auto" and not _has_onnx(model)):
+        # Only the keras backend pays for TensorFlow; the onnx one never imports it (tests/test_runtime.py).
+        try:
+            _import_tensorflow_quietly()
+        except ImportError:
+            pass    # Recognizer reports the missing package as a model error naming it
+        else:
+            from voiceprint.runtime import configure_tensorflow
 
-    configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
+            configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
     features = {"kind": args.feature_kind} if args.feature_kind else None
-    rec = Recognizer(model, features=features)
+    rec = Recognizer(model, features=features, backend=backend)
     if rec.shipped is not None and not getattr(args, "quiet", False):
         print(f"voiceprint: using the model shipped with the package ({rec.shipped['name']}: "
               f"{rec.shipped['trained_on']}); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
     return rec
+
+
+def _has_onnx(model: Path) -> bool:
+    """Would ``auto`` pick ONNX Runtime for this model? (voiceprint.bundle decides; this only avoids importing
+    TensorFlow before it when it will not be used.)"""
+    from voiceprint.bundle import CALIBRATION_FILE, _onnx_runtime_available
+
+    if model.suffix == ".onnx":
+        return True
+    try:
+        has = model.is_dir() and "onnx_sha256" in json.loads((model / CALIBRATION_FILE).read_text())
+    except (OSError, ValueError):
+        return False    # load_bundle reports what is wrong with it
+    return has and _onnx_runtime_available()
 
 
 def _progress(args) -> bool:
@@ -308,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="bundle directory or .keras file "
                                        "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
     model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
+    model.add_argument("--backend", choices=("auto", "onnx", "keras"), default="auto",
+                       help="onnx: ONNX Runtime, no TensorFlow (the bundle's model.onnx); keras: TensorFlow; auto "
+                            "(default): onnx when the bundle has model.onnx and onnxruntime is installed")
     threshold = argparse.ArgumentParser(add_help=False)
     threshold.add_argument("--threshold", help="eer (default), low_far, or a score: a cosine in [-1, 1], or an "
                                                "AS-norm score for a bundle with a cohort (score_norm as_norm)")
