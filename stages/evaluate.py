@@ -96,7 +96,8 @@ def main() -> None:
                 "window_frames": window, "hop_frames": hop}
     save_bundle(BUNDLE, models[deploy], system=deploy, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
-                score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None)
+                score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,
+                onnx=True)   # model.onnx for the TensorFlow-free runtime, checked against the Keras model
 
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):

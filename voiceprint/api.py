@@ -194,12 +194,16 @@ class Recognizer:
         # and onnxruntime is installed, else keras (voiceprint.bundle explains why onnx is preferred).
         self.bundle = model if isinstance(model, Bundle) else load_bundle(checked_model_path(model),
                                                                           features=features, backend=backend)
-        from voiceprint.features import featurize_file
+        from voiceprint.features import engine, featurize_file
 
         self._featurize = featurize_file
+        self._engine = engine
+        # ONNX: numpy features (the same values; numba's load would be most of a cold start, and the runtime
+        # install has no numba). Keras: the pipeline's own engine, so files embed bit for bit as in evaluate.
+        self.feature_engine = "numpy" if self.bundle.backend == "onnx" else "auto"
         settings = self.bundle.features
         self._featurize_kwargs = {"sample_rate": settings.sample_rate, "min_seconds": settings.min_seconds,
-                                  "max_clipped_fraction": MAX_CLIPPED_FRACTION}
+                                  "max_clipped_fraction": MAX_CLIPPED_FRACTION, "with_mfcc_stats": False}
         if settings.vad is not None:        # a bundle without one predates the option: featurize_file's default
             self._featurize_kwargs["vad"] = settings.vad
 
@@ -238,16 +242,15 @@ class Recognizer:
 
     def features(self, path: str | Path) -> np.ndarray:
         """(frames, bands) float32 features of one file. AudioError for unusable audio (too short included)."""
-        feats, _ = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
+        with self._engine(self.feature_engine):
+            feats, _ = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
         # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
         return feats.astype(np.float16).astype(np.float32)
 
     def embed_files(self, paths: Sequence[str | Path], *, progress: bool = False) -> np.ndarray:
         """(len(paths), D) float32 L2-normalised embeddings, one per file in order. Any bad file raises
         AudioError (naming it) before anything is returned."""
-        from tqdm import tqdm
-
-        from voiceprint.embedding import embed_features
+        from voiceprint.embedding import embed_features, tqdm   # tqdm imported only for a shown bar
 
         paths = list(paths)
         settings = self.bundle.features

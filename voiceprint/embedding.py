@@ -1,13 +1,34 @@
 """Embedding utterances with a trained model: whole utterances, or the mean over sliding windows."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 if TYPE_CHECKING:   # only an annotation: the runtime (ONNX) path must not import pandas through the store
     from voiceprint.store import FeatureStore
+
+
+def tqdm(*args, disable: bool = False, **kwargs):
+    """tqdm, imported only when a bar is shown (its import is ~5% of a cold ``voiceprint verify``)."""
+    if not disable:
+        from tqdm import tqdm as real
+
+        return real(*args, **kwargs)
+    return _NoBar(args[0] if args else ())
+
+
+class _NoBar(contextlib.nullcontext):
+    def __init__(self, iterable=()):
+        super().__init__(self)
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _compiled(model, num_bands: int):

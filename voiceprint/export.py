@@ -150,6 +150,7 @@ def export_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET) -> Path:
     spec = _input_spec(_num_bands(model))
     fn = tf.function(lambda features: {OUTPUT_NAME: model(features, training=False)}, input_signature=[spec])
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=[spec], opset=opset)
+    _canonical_names(proto.graph)
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return path
@@ -194,6 +195,55 @@ def export_checked_onnx(model, path: str | Path, *, min_cosine: float = MIN_ONNX
     with atomic_path(path) as tmp:
         export_onnx(model, tmp)
         return check_onnx(model, tmp, min_cosine=min_cosine)
+
+
+def _canonical_names(graph) -> None:
+    """Rename the graph's nodes and inner tensors by position (``Conv_12``, ``t34``), in place, and order its
+    initializers by the new names. tf2onnx names what it creates from a process-wide counter and emits the
+    initializers in set order, so the same weights gave different bytes from one export to the next; the node
+    order and connections are the same each time, so after this the bytes are too (the bundle's sha256 is
+    reproducible). Graph inputs and outputs keep their names (the contract)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return renamed.setdefault(name, f"t{len(renamed)}")
+
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for field in (node.input, node.output):
+            for k, name in enumerate(field):
+                field[k] = new(name)
+    initializers = sorted(graph.initializer, key=lambda t: int(new(t.name)[1:]) if new(t.name)[1:].isdigit()
+                          else -1)
+    for tensor in initializers:
+        tensor.name = new(tensor.name)
+    copies = [type(t)() for t in initializers]
+    for copy, tensor in zip(copies, initializers):
+        copy.CopyFrom(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
+    infos = []
+    for info in graph.value_info:
+        copy = type(info)()
+        copy.CopyFrom(info)
+        copy.name = new(copy.name)
+        infos.append(copy)
+    del graph.value_info[:]
+    graph.value_info.extend(sorted(infos, key=lambda v: v.name))
+    # Symbolic dimensions: tf2onnx's are counter-numbered too ("unk__513"); the contract's get names.
+    dims: dict[str, str] = {}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for d in info.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = dims.setdefault(d.dim_param, f"d{len(dims)}")
+    for info, names in ((graph.input[0], ("batch", "frames")), (graph.output[0], ("batch",))):
+        for d, name in zip(info.type.tensor_type.shape.dim, names):
+            if d.dim_param:
+                d.dim_param = name
+    graph.doc_string = "voiceprint embedding: features (batch, frames, bands, 1) -> L2-normalised (batch, D)"
 
 
 # ------------------------------------------------------------------------------------------------ load
