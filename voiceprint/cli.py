@@ -145,10 +145,9 @@ def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
 
 def cmd_embed(args) -> int:
     import numpy as np
-    import pandas as pd
 
     from voiceprint.api import InputError, audio_files
-    from voiceprint.outputs import atomic_path, write_csv
+    from voiceprint.outputs import atomic_path, write_rows
 
     suffix = _output_suffix(args.output, (".npy", ".csv"))
     if suffix is None and not args.json:
@@ -166,16 +165,15 @@ def cmd_embed(args) -> int:
     if suffix == ".npy":
         rows = Path(args.output).with_suffix(".paths.csv")
         # The row list first: a finished .npy always has its row list beside it.
-        write_csv(rows, pd.DataFrame({"row": np.arange(len(names)), "path": names}))
+        write_rows(rows, ["row", "path"], enumerate(names))
         with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
             np.save(fh, emb)
         payload.update(output=str(args.output), paths_file=str(rows))
         human = (f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}; "
                  f"row i is the file in row i of {rows}")
     else:
-        table = pd.DataFrame(emb, columns=[f"emb_{i}" for i in range(emb.shape[1])])
-        table.insert(0, "path", names)
-        write_csv(args.output, table)
+        write_rows(args.output, ["path", *(f"emb_{i}" for i in range(emb.shape[1]))],
+                   ([name, *map(float, row)] for name, row in zip(names, emb)))
         payload.update(output=str(args.output))
         human = f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}"
     return _emit(args, payload, human)
@@ -280,10 +278,11 @@ def cmd_speakers_remove(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    import pandas as pd
+    import csv
+    import io
 
     from voiceprint.api import InputError, audio_files
-    from voiceprint.outputs import write_csv
+    from voiceprint.outputs import write_rows
 
     _output_suffix(args.output, (".csv",))
     if args.speakers is not None and args.threshold is not None:
@@ -294,16 +293,18 @@ def cmd_cluster(args) -> int:
     name, value = (None, None) if args.speakers is not None else rec.threshold(args.threshold or "eer")
     labels = rec.cluster(paths, threshold=args.threshold or "eer", num_speakers=args.speakers,
                          progress=_progress(args))
-    table = pd.DataFrame({"path": [str(p) for p in paths], "speaker": labels})
+    table = [(str(p), int(label)) for p, label in zip(paths, labels)]
     groups = int(labels.max())
     payload = {**_model_info(rec), "threshold": value, "threshold_name": name, "speakers": groups,
-               "files": table.to_dict(orient="records"), "skipped": [str(p) for p in skipped]}
+               "files": [{"path": p, "speaker": label} for p, label in table], "skipped": [str(p) for p in skipped]}
     if args.output:
-        write_csv(args.output, table)
+        write_rows(args.output, ["path", "speaker"], table)
         payload["output"] = str(args.output)
         human = f"{len(table)} files in {groups} speaker group(s), written to {args.output}"
     else:
-        human = table.to_csv(index=False, lineterminator="\n").rstrip("\n")
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([("path", "speaker"), *table])
+        human = text.getvalue().rstrip("\n")
     return _emit(args, payload, human)
 
 
