@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's package, also where another one is installed in editable mode
 DEFAULT = {"filters": [16, 32, 64, 128], "blocks": 1}
 FULL = {"filters": [64, 128, 256, 512], "blocks": 3}
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
@@ -123,6 +124,32 @@ def throughput(files: list[Path], seconds: float, passes: int, root: Path) -> di
     return out
 
 
+def _report_cold(cold: dict, args) -> None:
+    print(f"\nvoiceprint verify a.flac b.flac ({args.seconds:g}-s files, shipped model), cold process to answer, "
+          f"median of {args.repeats}:")
+    print(f"  {'backend':8s} {'wall s':>8s} {'(min)':>7s} {'CPU s':>7s} {'peak MB':>8s}  score")
+    for backend, r in cold.items():
+        print(f"  {backend:8s} {r['wall']:8.2f} {r['wall_min']:7.2f} {r['cpu']:7.2f} {r['rss_mb']:8.0f}  "
+              f"{r['score']:.4f}")
+    print(f"  keras / onnx: wall {cold['keras']['wall'] / cold['onnx']['wall']:.1f}x, "
+          f"CPU {cold['keras']['cpu'] / cold['onnx']['cpu']:.1f}x, "
+          f"memory {cold['keras']['rss_mb'] / cold['onnx']['rss_mb']:.1f}x")
+
+
+def _report_throughput(files, args, tmp: Path) -> None:
+    print(f"\nembedding throughput, warm Recognizer, {len(files)} files of {args.seconds:g} s "
+          f"(decode + features + model), best of {args.passes}:", flush=True)
+    result = throughput(files, args.seconds, args.passes, tmp / "bundles")
+    print(f"  {'model':8s} {'backend':8s} {'x real time':>12s} {'utt/s':>8s}")
+    for name in ("default", "full"):
+        for backend in ("onnx", "keras"):
+            r = result[name][backend]
+            print(f"  {name:8s} {backend:8s} {r['x_real_time']:12.1f} {r['utterances_per_s']:8.2f}")
+        ratio = result[name]["onnx"]["x_real_time"] / result[name]["keras"]["x_real_time"]
+        print(f"  {name:8s} onnx / keras: {ratio:.2f}x; lowest cosine onnx vs keras "
+              f"{result[name]['min_cosine']:.7f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7, help="cold CLI runs per backend (median reported)")
@@ -132,6 +159,7 @@ def main() -> None:
     ap.add_argument("--runtime-python", default=sys.executable,
                     help="interpreter for the onnx CLI (default: this one)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-cold", action="store_true")
     args = ap.parse_args()
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load average "
@@ -139,29 +167,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = _audio(tmp / "audio", args.utterances, args.seconds)
-        cold = cold_start(files, args.repeats, args.runtime_python, tmp)   # cwd tmp: the shipped model answers
-        print(f"\nvoiceprint verify a.flac b.flac ({args.seconds:g}-s files, shipped model), cold process to answer, "
-              f"median of {args.repeats}:")
-        print(f"  {'backend':8s} {'wall s':>8s} {'(min)':>7s} {'CPU s':>7s} {'peak MB':>8s}  score")
-        for backend, r in cold.items():
-            print(f"  {backend:8s} {r['wall']:8.2f} {r['wall_min']:7.2f} {r['cpu']:7.2f} {r['rss_mb']:8.0f}  "
-                  f"{r['score']:.4f}")
-        print(f"  keras / onnx: wall {cold['keras']['wall'] / cold['onnx']['wall']:.1f}x, "
-              f"CPU {cold['keras']['cpu'] / cold['onnx']['cpu']:.1f}x, "
-              f"memory {cold['keras']['rss_mb'] / cold['onnx']['rss_mb']:.1f}x")
-        if args.skip_throughput:
-            return
-        print(f"\nembedding throughput, warm Recognizer, {len(files)} files of {args.seconds:g} s "
-              f"(decode + features + model), best of {args.passes}:", flush=True)
-        result = throughput(files, args.seconds, args.passes, tmp / "bundles")
-        print(f"  {'model':8s} {'backend':8s} {'x real time':>12s} {'utt/s':>8s}")
-        for name in ("default", "full"):
-            for backend in ("onnx", "keras"):
-                r = result[name][backend]
-                print(f"  {name:8s} {backend:8s} {r['x_real_time']:12.1f} {r['utterances_per_s']:8.2f}")
-            ratio = result[name]["onnx"]["x_real_time"] / result[name]["keras"]["x_real_time"]
-            print(f"  {name:8s} onnx / keras: {ratio:.2f}x; lowest cosine onnx vs keras "
-                  f"{result[name]['min_cosine']:.7f}")
+        if not args.skip_cold:
+            _report_cold(cold_start(files, args.repeats, args.runtime_python, tmp), args)   # cwd tmp: shipped model
+        if not args.skip_throughput:
+            _report_throughput(files, args, tmp)
 
 
 if __name__ == "__main__":

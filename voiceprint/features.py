@@ -1191,7 +1191,7 @@ def featurize_file(
             y = decode(fh, path, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction)
     if chunked:
         return _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds,
-                                  with_mfcc_stats)
+                                  with_mfcc_stats=with_mfcc_stats)
     try:
         speech = apply_vad(y, vad, sample_rate)
     except NoSpeechError as exc:
