@@ -3,8 +3,10 @@ package the deployed system with its calibrated thresholds as models/voiceprint
 (evaluate.* params, and tdnn.fusion / tdnn.fusion_weight).
 
 Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless tdnn.fusion is none)
-and the no-training MFCC baseline; with evaluate.score_norm as_norm also the deployed system's AS-normalised
-scores (``<deployed>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
+and the no-training MFCC baseline; with evaluate.stats_branch lda also the LDA-projected MFCC statistics
+(``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.stats_lda), which is
+then what the bundle serves; with evaluate.score_norm as_norm also that served system's AS-normalised scores
+(``<served>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
 """
 import json
 
@@ -35,6 +37,10 @@ def main() -> None:
     score_norm = p.str("score_norm", choices=SCORE_NORMS)
     cohort_top_n = p.int("cohort_top_n", min=MIN_TOP_N)
     cohort_utterances = p.int("cohort_utterances", min=1)
+    from voiceprint.stats_lda import STATS_BRANCHES
+
+    stats_branch = p.str("stats_branch", choices=STATS_BRANCHES)
+    stats_weight = p.float("stats_weight", min=0.0, max=1.0)
     tdnn = params.section("tdnn")
     from voiceprint.evaluation import FUSIONS, fusion_base_weight
 
@@ -65,8 +71,17 @@ def main() -> None:
     if base_weight is not None:
         embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
         models["fused"] = fuse_models(models["base"], models["head"], base_weight)
-    train_rows = store.position(split[split.role == "train"].utterance)
+    train = split[split.role == "train"]
+    train_rows = store.position(train.utterance)
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows)[positions]
+    served, stats_lda = deploy, None
+    if stats_branch == "lda":
+        from voiceprint.stats_lda import fit_stats_lda
+
+        stats_lda = fit_stats_lda(store.baseline[train_rows], train.speaker.to_numpy(), weight=stats_weight)
+        embeddings["mfcc_lda"] = stats_lda.project(store.baseline[positions])
+        served = f"{deploy}_mfcc_lda"
+        embeddings[served] = stats_lda.joint(embeddings[deploy], store.baseline[positions])
 
     report, scores = {}, {}
     labels = trials.label.to_numpy()
@@ -79,12 +94,13 @@ def main() -> None:
     report.update(deltas)
     report["deployed"] = deploy
 
-    calibrated, cohort = deploy, None
+    calibrated, cohort = served, None
     if score_norm == "as_norm":
         cohort = training_cohort(models, store, split, deploy=deploy, fusion=fusion, base_weight=base_weight,
-                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop)
-        calibrated = f"{deploy}_asnorm"
-        verdicts.append(add_as_norm_system(report, scores, calibrated, deploy, embeddings[deploy], cohort,
+                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop,
+                                 stats_lda=stats_lda)
+        calibrated = f"{served}_asnorm"
+        verdicts.append(add_as_norm_system(report, scores, calibrated, served, embeddings[served], cohort,
                                            cohort_top_n, ev.utterance.to_numpy(), trials, p_target=p_target,
                                            bootstrap=bootstrap, seed=seed))
 
@@ -94,16 +110,17 @@ def main() -> None:
     features = {"kind": store.kind, "vad": meta.get("vad", "original"), "num_bands": store.num_bands,
                 "sample_rate": meta.get("sample_rate", 16000), "min_seconds": meta.get("min_seconds", 0.0),
                 "window_frames": window, "hop_frames": hop}
-    save_bundle(BUNDLE, models[deploy], system=deploy, features=features, thresholds=thresholds,
+    save_bundle(BUNDLE, models[deploy], system=served, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
                 score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,
+                stats_lda=stats_lda,
                 onnx=True)   # model.onnx for the TensorFlow-free runtime, checked against the Keras model
 
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):
         report["cross_corpus"] = score_cross_corpus(
             cross_corpus, models, store, features, train_rows, base_weight, fusion, deploy=deploy, cohort=cohort,
-            top_n=cohort_top_n, p_target=p_target, bootstrap=bootstrap, seed=seed)
+            top_n=cohort_top_n, stats_lda=stats_lda, p_target=p_target, bootstrap=bootstrap, seed=seed)
     else:
         print(f"evaluate: evaluate.cross_corpus {cross_corpus!r} holds no recordings: no cross-corpus evaluation")
 
@@ -111,11 +128,11 @@ def main() -> None:
                     title=f"DET, {report['base']['target_trials']} target / "
                           f"{report['base']['nontarget_trials']} non-target trials")
     for name in scores:
-        if name in ("base", "head", "fused"):
+        if name in ("base", "head", "fused", served):
             plots.score_histograms(scores[name], labels, f"{FIGURES}/scores_{name}.png", title=f"{name} scores",
                                    threshold=report[name]["eer_threshold"], threshold_label="EER threshold")
-    plots.embedding_projection(embeddings[deploy], ev.speaker.to_numpy(), f"{FIGURES}/projection.png",
-                               method="tsne", seed=seed, title=f"{deploy}: evaluation speakers (t-SNE)")
+    plots.embedding_projection(embeddings[served], ev.speaker.to_numpy(), f"{FIGURES}/projection.png",
+                               method="tsne", seed=seed, title=f"{served}: evaluation speakers (t-SNE)")
     plots.training_curves(TRAINING_CURVES, f"{FIGURES}/training.png")
     write_metrics("metrics/eval.json", report)
 
@@ -134,9 +151,9 @@ def main() -> None:
 
 
 def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, *, deploy, cohort, top_n,
-                       **report_args) -> dict:
-    """Every system (and the MFCC baseline; with a cohort, the deployed system with AS-norm too) on all pairs of a
-    corpus never trained on (evaluate.cross_corpus)."""
+                       stats_lda=None, **report_args) -> dict:
+    """Every system (and the MFCC baseline; with a statistics branch, mfcc_lda and the served joint system; with a
+    cohort, the served system with AS-norm too) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
     from voiceprint.cross_corpus import load_eval_set
     from voiceprint.embedding import embed_features
     from voiceprint.evaluation import as_norm_scores, cosine_scores, fuse, report_system, znorm_baseline
@@ -154,20 +171,27 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
     if base_weight is not None:
         embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows, apply_to=eval_set.baseline)
+    served = deploy
+    if stats_lda is not None:
+        embeddings["mfcc_lda"] = stats_lda.project(eval_set.baseline)
+        served = f"{deploy}_mfcc_lda"
+        embeddings[served] = stats_lda.joint(embeddings[deploy], eval_set.baseline)
     out = {name: report_system(cosine_scores(emb, eval_set.utterances, eval_set.trials), eval_set.trials, emb,
                                eval_set.speakers, **report_args) for name, emb in embeddings.items()}
     if cohort is not None:
-        normalised = as_norm_scores(embeddings[deploy], eval_set.utterances, eval_set.trials, cohort, top_n)
-        out[f"{deploy}_asnorm"] = report_system(normalised, eval_set.trials, None, None, **report_args)
+        normalised = as_norm_scores(embeddings[served], eval_set.utterances, eval_set.trials, cohort, top_n)
+        out[f"{served}_asnorm"] = report_system(normalised, eval_set.trials, None, None, **report_args)
     out.update(speakers=int(len(set(eval_set.speakers))), utterances=len(eval_set.utterances),
                left_out=len(eval_set.rejected))
     return out
 
 
-def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop):
+def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop,
+                    stats_lda=None):
     """The AS-norm cohort: one mean embedding per training speaker (``score_norm.speaker_cohort``), embedded by the
-    deployed system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``), from
-    at most ``per_speaker`` training utterances each: a speaker mean needs few, and this bounds the cost."""
+    served system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``; with a
+    statistics branch, joined with the LDA-projected MFCC statistics), from at most ``per_speaker`` training
+    utterances each: a speaker mean needs few, and this bounds the cost."""
     from voiceprint.embedding import embed_utterances
     from voiceprint.evaluation import fuse
     from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
@@ -178,6 +202,8 @@ def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_sp
                                     progress=True, desc=f"cohort {name}")
              for name in (("base", "head") if deploy == "fused" else (deploy,))}
     emb = fuse(parts["base"], parts["head"], fusion, base_weight) if deploy == "fused" else parts[deploy]
+    if stats_lda is not None:
+        emb = stats_lda.joint(emb, store.baseline[positions])
     return speaker_cohort(emb, picked.speaker.to_numpy())
 
 

@@ -121,6 +121,14 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
     assert calibration["system"] == "fused" and calibration["embedding_dim"] == 16 + 8
     assert calibration["thresholds"]["eer"] == pytest.approx(report["fused"]["eer_threshold"])
+    # The MFCC-statistics branch and AS-norm are evaluate's alone; the bundle then serves the joint system.
+    assert experiment("evaluate.stats_branch=lda", "evaluate.score_norm=as_norm",
+                      "evaluate.cohort_top_n=3") == {"evaluate"}
+    report = json.loads((root / "metrics/eval.json").read_text())
+    assert {"mfcc_lda", "fused_mfcc_lda", "fused_mfcc_lda_asnorm"} <= set(report)
+    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    assert calibration["system"] == "fused_mfcc_lda" and calibration["embedding_dim"] == 16 + 8 + 4  # 5 speakers
+    assert calibration["thresholds"]["eer"] == pytest.approx(report["fused_mfcc_lda_asnorm"]["eer_threshold"])
     assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax") == {"tdnn_head", "evaluate"}
 
     # With Adam, a margin change only changes the weights through which triplets are active; from 0 to 1 the

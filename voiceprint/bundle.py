@@ -6,6 +6,8 @@ Layout of a bundle directory (default ``models/voiceprint/``, written by the ``e
     model.onnx         (bundles written with ``onnx=True``, as the evaluate stage does) the same model for ONNX
                        Runtime, checked against model.keras when written (cosine >= 0.99999 at several lengths)
     cohort.npy         (AS-norm bundles only) (speakers, D) float32: the score-normalisation cohort
+    stats_lda.npz      (bundles with an MFCC-statistics branch only) its LDA projection and weight
+                       (``voiceprint.stats_lda``); D is then the model's output plus the LDA dimension
     calibration.json   {"system", "model_sha256", "embedding_dim",
                         "features":   {"kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
                                        "hop_frames"[, "vad"]},
@@ -13,6 +15,7 @@ Layout of a bundle directory (default ``models/voiceprint/``, written by the ``e
                         "evaluation": {"eer", "min_dcf", "target_trials", "nontarget_trials", ...},
                         ["score_norm": "as_norm", "cohort_top_n", "cohort_sha256",]
                         ["onnx_sha256",]
+                        ["stats_lda_sha256",]
                         "versions":   {...}}
 
 ``thresholds.eer`` is the score where false alarms and misses balance on the evaluation trials;
@@ -51,6 +54,7 @@ CALIBRATION_FILE = "calibration.json"
 COHORT_FILE = "cohort.npy"
 ONNX_FILE = "model.onnx"
 BACKENDS = ("auto", "onnx", "keras")
+STATS_LDA_FILE = "stats_lda.npz"
 THRESHOLD_NAMES = ("eer", "low_far")
 # A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
 DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
@@ -106,7 +110,16 @@ class Bundle:
     score_norm: str = "none"
     cohort: np.ndarray | None = field(default=None, repr=False)
     cohort_top_n: int | None = None
+    stats_lda: Any = field(default=None, repr=False)   # voiceprint.stats_lda.StatsLda, or None
     backend: str = "keras"   # what ``model`` is: a Keras model, or "onnx": a voiceprint.export.Embedder
+
+    @property
+    def scoring_sha256(self) -> str:
+        """What embeddings depend on: the model's sha256, combined with the statistics branch's when there is one
+        (the registry keys enrolments by it, so a bundle with another projection never reuses them)."""
+        if self.stats_lda is None:
+            return self.model_sha256
+        return hashlib.sha256(f"{self.model_sha256}:{self.stats_lda.sha256()}".encode()).hexdigest()
 
     def threshold(self, which: str | float) -> tuple[str, float]:
         """``(label, value)`` for a threshold name (``eer``, ``low_far``) or a number (also as a string).
@@ -274,7 +287,7 @@ def file_sha256(path: str | Path) -> str:
 
 def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thresholds: dict,
                 evaluation: dict, score_norm: str = "none", cohort: np.ndarray | None = None,
-                cohort_top_n: int | None = None, onnx: bool = False) -> Path:
+                cohort_top_n: int | None = None, stats_lda=None, onnx: bool = False) -> Path:
     """Write ``out_dir`` (model.keras + calibration.json, + cohort.npy for ``score_norm="as_norm"``, + model.onnx
     with ``onnx=True``) atomically: the directory is replaced as a whole, so it never holds a model with another
     model's calibration. Same weights and arguments -> same bytes; with ``score_norm="none"`` and no ONNX the same
@@ -290,6 +303,8 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
     bands, dim = _model_io(model, source)
     if bands != feats.num_bands:
         raise _fail(source, "features.num_bands", f"{feats.num_bands}, but the model takes {bands} bands")
+    if stats_lda is not None:
+        dim += stats_lda.output_dim
     if score_norm == "none" and (cohort is not None or cohort_top_n is not None):
         raise _fail(source, "score_norm", "none, but a cohort was given (use score_norm='as_norm')")
     if score_norm == "as_norm":
@@ -307,6 +322,9 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
                 np.save(fh, np.ascontiguousarray(cohort, dtype="<f4"), allow_pickle=False)
             calibration.update(score_norm=score_norm, cohort_top_n=cohort_top_n,
                                cohort_sha256=file_sha256(tmp / COHORT_FILE))
+        if stats_lda is not None:
+            stats_lda.save(tmp / STATS_LDA_FILE)
+            calibration["stats_lda_sha256"] = file_sha256(tmp / STATS_LDA_FILE)
         (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -438,7 +456,7 @@ def load_bundle(path: str | Path, *, features: dict | None = None, backend: str 
         raise BundleError(f"{source}: not valid JSON: {exc}") from None
     data = _mapping(data, source, "(top level)")
     _keys(data, source, "", ("system", "model_sha256", "embedding_dim", "features", "thresholds", "evaluation"),
-          ("versions", "score_norm", "cohort_top_n", "cohort_sha256", "onnx_sha256"))
+          ("versions", "score_norm", "cohort_top_n", "cohort_sha256", "stats_lda_sha256", "onnx_sha256"))
     system = _text(data["system"], source, "system")
     expected_sha = _sha256(data["model_sha256"], source, "model_sha256")
     dim = _int(data["embedding_dim"], source, "embedding_dim", 1)
@@ -476,6 +494,19 @@ def load_bundle(path: str | Path, *, features: dict | None = None, backend: str 
         extra = sorted({"cohort_top_n", "cohort_sha256"} & set(data))
         if extra:
             raise _fail(source, extra[0], "given, but score_norm is none")
+    stats_lda = None
+    if "stats_lda_sha256" in data:
+        from voiceprint.stats_lda import StatsLdaError, load_stats_lda
+
+        stats_file = path / STATS_LDA_FILE
+        if not stats_file.is_file():
+            raise BundleError(f"{path}: {STATS_LDA_FILE} missing, but {calibration_file.name} has stats_lda_sha256")
+        _check_file(stats_file, _sha256(data["stats_lda_sha256"], source, "stats_lda_sha256"), "stats_lda_sha256",
+                    calibration_file)
+        try:
+            stats_lda = load_stats_lda(stats_file)
+        except StatsLdaError as exc:
+            raise BundleError(str(exc)) from None
     if chosen == "onnx":
         model_file = path / ONNX_FILE
         model = _load_onnx(model_file)
@@ -483,11 +514,13 @@ def load_bundle(path: str | Path, *, features: dict | None = None, backend: str 
     else:
         model = _load_keras(model_file)
         bands, model_dim = _model_io(model, str(model_file))
+    if stats_lda is not None:
+        model_dim += stats_lda.output_dim
     if (bands, model_dim) != (feats.num_bands, dim):
         raise BundleError(f"{model_file}: the model maps {bands} bands to {model_dim}-d embeddings, but "
                           f"{calibration_file.name} says {feats.num_bands} bands and embedding_dim {dim}")
     return Bundle(path, model, system, expected_sha, dim, feats, thresholds, evaluation, versions, score_norm,
-                  cohort, top_n, backend=chosen)
+                  cohort, top_n, stats_lda, backend=chosen)
 
 
 def _sha256(value, source: str, key: str) -> str:

@@ -402,12 +402,13 @@ def load_onnx_embedder(path: str | Path, *, num_threads: int | None = None) -> E
 FORMATS = ("savedmodel", "tflite", "onnx", "original_h5")
 
 
-def main(argv=None) -> int:
-    """``python -m voiceprint.export MODEL.keras --format tflite -o OUT``: convert a trained model."""
+def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
+    """``voiceprint export MODEL.keras --format tflite -o OUT`` (or ``python -m voiceprint.export ...``): convert a
+    trained model."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m voiceprint.export", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("model", help="a .keras file written by the pipeline (loaded in Keras safe mode)")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="original_h5 = the original Deep Speaker save_weights layout")
