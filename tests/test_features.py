@@ -569,7 +569,7 @@ def test_chunked_memory_does_not_grow_with_length(tmp_path):
 
 def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypatch):
     p = _long_speechy_file(tmp_path / "x.wav", 3)
-    monkeypatch.setattr(F, "_featurize_chunked", lambda *args: ("chunked", args[-1]))
+    monkeypatch.setattr(F, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
     assert F.LONG_FILE_SECONDS == 300.0 and F.CHUNK_SECONDS == 20.0
     assert isinstance(featurize_file(p, "fbank_norm")[0], np.ndarray)
     assert isinstance(featurize_file(p, "fbank_norm", long_file_seconds=3.0)[0], np.ndarray)
