@@ -427,7 +427,7 @@ def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
 
             bundle = load_bundle(args.model)   # a bare .keras file gets the default features (params.yaml)
             write = pcm_export.export_pcm_onnx if args.format == "pcm-onnx" else pcm_export.export_pcm_tflite
-            print(f"wrote {write(bundle.model, bundle.features, args.output)}")
+            print(f"wrote {write(bundle.model, bundle.features, args.output, stats_lda=bundle.stats_lda)}")
             return 0
         model = load_model(args.model)
         if args.format == "original_h5":
