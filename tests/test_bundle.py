@@ -231,12 +231,12 @@ def test_a_bundle_with_the_old_thresholds_file_name_loads(saved, tmp_path):
         old.llr([0.5])
 
 
-def test_shipped_bundle_loads_under_its_old_file_name():
-    from voiceprint import pretrained
-
-    assert (pretrained.SHIPPED / "calibration.json").is_file()
-    shipped = B.load_bundle(pretrained.shipped_model())
-    assert shipped.thresholds is not None and shipped.llr_calibration is None
+def test_a_bundle_loads_under_its_old_file_name(saved, tmp_path):
+    old = _copy(saved, tmp_path)
+    (old / "thresholds.json").rename(old / "calibration.json")     # as every bundle before the rename
+    loaded = B.load_bundle(old)
+    assert loaded.thresholds == B.load_bundle(saved).thresholds and loaded.llr_calibration is None
+    assert B.thresholds_file(old).name == "calibration.json"
 
 
 @pytest.fixture(scope="module")

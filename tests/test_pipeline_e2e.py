@@ -132,7 +132,7 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
                       "evaluate.cohort_top_n=3") == {"evaluate"}
     report = json.loads((root / "metrics/eval.json").read_text())
     assert {"mfcc_lda", "fused_mfcc_lda", "fused_mfcc_lda_asnorm"} <= set(report)
-    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())
     assert calibration["system"] == "fused_mfcc_lda" and calibration["embedding_dim"] == 16 + 8 + 4  # 5 speakers
     assert calibration["thresholds"]["eer"] == pytest.approx(report["fused_mfcc_lda_asnorm"]["eer_threshold"])
     assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax") == {"tdnn_head", "evaluate"}
