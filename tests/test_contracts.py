@@ -96,10 +96,15 @@ def test_choices_come_from_the_registries():
     assert choices(C.HeadSettings, "kind") == sorted(HEADS)
 
 
-def tdnn(**values) -> Params:
+def params_with(section: str, **values) -> Params:
+    """The repo's params with ``values`` set in ``section``."""
     data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["tdnn"].update(values)
+    data[section].update(values)
     return Params(data)
+
+
+def tdnn(**values) -> Params:
+    return params_with("tdnn", **values)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -119,10 +124,8 @@ def test_passed_through_settings_and_bad_values_are_refused_naming_the_key(value
 
 
 def test_softmax_offers_only_classification_losses():
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["softmax"]["loss"] = "triplet"
     with pytest.raises(ParamsError, match="softmax.loss: must be one of aam_softmax, softmax; got 'triplet'"):
-        C.SoftmaxSettings.read(Params(data))
+        C.SoftmaxSettings.read(params_with("softmax", loss="triplet"))
 
 
 PLUGIN = '''
@@ -183,8 +186,7 @@ def test_a_loss_and_a_head_added_in_one_file_are_offered_and_trained_with_their_
     assert (settings.kind, settings.loss_args, settings.head_args) == ("toy", {"gamma": 2.0}, {"width": 6})
     with pytest.raises(ParamsError, match="tdnn.head_args: head toy takes no setting 'depth'"):
         C.HeadSettings.read(tdnn(kind="toy", head_args={"width": 6, "depth": 2}))
-    softmax = C.SoftmaxSettings.read(Params({"softmax": {**dataclasses.asdict(C.SoftmaxSettings()),
-                                                         "loss": "toy_focal", "loss_args": {"gamma": 1.0}}}))
+    softmax = C.SoftmaxSettings.read(params_with("softmax", loss="toy_focal", loss_args={"gamma": 1.0}))
     assert softmax.loss_settings() == {"margin": 0.2, "scale": 30.0, "gamma": 1.0}
 
     store, split = tiny
