@@ -12,18 +12,18 @@ from voiceprint.stage import run_stage
 
 
 def read_settings(params: Params) -> tuple[SoftmaxSettings, MaskSettings, TrainSettings]:
-    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
-    # masks: SpecAugment on the training crops
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it); the masks are
+    SpecAugment on the training crops."""
     return SoftmaxSettings.read(params), MaskSettings.read(params), TrainSettings.read(params)
 
 
 def main() -> None:
-    args, masks, train = read_settings(load_params())
-    init = init_checkpoint_path(args.init_checkpoint, "softmax.init_checkpoint")
+    settings, masks, train = read_settings(load_params())
+    init = init_checkpoint_path(settings.init_checkpoint, "softmax.init_checkpoint")
     if init is not None:
-        check_architecture(init, "softmax.init_checkpoint", filters=args.filters, blocks=args.blocks,
-                           embedding_dim=args.embedding_dim)
-    configure_tensorflow(args.seed)
+        check_architecture(init, "softmax.init_checkpoint", filters=settings.filters, blocks=settings.blocks,
+                           embedding_dim=settings.embedding_dim)
+    configure_tensorflow(settings.seed)
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
     from voiceprint.splits import existing, training_inputs
@@ -32,10 +32,10 @@ def main() -> None:
     distribution = make_distribution(train.strategy, mixed_precision=train.mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     checkpoint = resume.stage_checkpoint(
-        "softmax", {**dataclasses.asdict(args), **dataclasses.asdict(masks), "init_checkpoint": init},
+        "softmax", {**dataclasses.asdict(settings), **dataclasses.asdict(masks), "init_checkpoint": init},
         ["data/features", "data/model_inputs", *existing("data/augmented"), *([init] if init else []),
          Path(__file__)], distribution)
-    trained = train_softmax(store, split, args, init_checkpoint=init, distribution=distribution,
+    trained = train_softmax(store, split, settings, init_checkpoint=init, distribution=distribution,
                             checkpoint=checkpoint, crop_transform=masks.mask if masks.masking else None)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs

@@ -13,14 +13,14 @@ def read_settings(params: Params) -> HeadSettings:
 
 
 def main() -> None:
-    args = read_settings(load_params())
-    configure_tensorflow(args.seed)
+    settings = read_settings(load_params())
+    configure_tensorflow(settings.seed)
     from voiceprint.splits import training_inputs
     from voiceprint.training import train_head
 
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")
-    trained = train_head(base, store, split, args)
+    trained = train_head(base, store, split, settings)
     save_keras_model(trained.model, "models/tdnn_head.keras")
     write_csv("plots/tdnn_head.csv", trained.history)
     last = trained.history.iloc[-1]

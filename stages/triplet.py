@@ -19,9 +19,9 @@ def read_settings(params: Params) -> tuple[TripletSettings, TrainSettings]:
 
 
 def main() -> None:
-    args, train = read_settings(load_params())
-    init = init_checkpoint_path(args.init_checkpoint, "triplet.init_checkpoint")
-    configure_tensorflow(args.seed)
+    settings, train = read_settings(load_params())
+    init = init_checkpoint_path(settings.init_checkpoint, "triplet.init_checkpoint")
+    configure_tensorflow(settings.seed)
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
     from voiceprint.splits import existing, training_inputs
@@ -38,19 +38,19 @@ def main() -> None:
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)
         print(import_original_weights(model, init).summary())
     checkpoint = None
-    if args.epochs:      # epochs 0 trains nothing: nothing to resume
+    if settings.epochs:      # epochs 0 trains nothing: nothing to resume
         checkpoint = resume.stage_checkpoint(
-            "triplet", {**dataclasses.asdict(args), "init_checkpoint": init},
+            "triplet", {**dataclasses.asdict(settings), "init_checkpoint": init},
             ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
              Path(__file__)], distribution)
-    trained = train_triplet(model, store, split, args, distribution=distribution, checkpoint=checkpoint)
+    trained = train_triplet(model, store, split, settings, distribution=distribution, checkpoint=checkpoint)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/triplet.keras")
     write_csv("plots/triplet.csv", trained.history)
     last = trained.history.iloc[-1] if len(trained.history) else {}
     write_metrics("metrics/triplet.json", {
-        "epochs": len(trained.history), "steps": len(trained.history) * args.steps_per_epoch,
+        "epochs": len(trained.history), "steps": len(trained.history) * settings.steps_per_epoch,
         "train_loss": last.get("loss"), "val_loss": last.get("val_loss")})
     if checkpoint is not None:
         checkpoint.remove()     # the outputs are written: the checkpoint has served its purpose

@@ -108,7 +108,8 @@ def tdnn(**values) -> Params:
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(loss_args={"gamma": 2}), "params.yaml: tdnn.loss_args: loss softmax takes no setting 'gamma'; it takes: none"),
+    (dict(loss_args={"gamma": 2}),
+     "params.yaml: tdnn.loss_args: loss softmax takes no setting 'gamma'; it takes: none"),
     (dict(loss="triplet", loss_args={"alpha": 0.3}), "tdnn.loss_args: 'alpha' comes from its own key"),
     (dict(head_args={"units": 3}), "tdnn.head_args: 'units' comes from its own key"),
     (dict(head_args={"depth": 3}), "tdnn.head_args: head dense takes no setting 'depth'; it takes: input_dim, units"),
