@@ -3,8 +3,17 @@ package the deployed system with its calibrated thresholds as models/voiceprint
 (evaluate.* params, and tdnn.fusion / tdnn.fusion_weight).
 
 Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless tdnn.fusion is none)
-and the no-training MFCC baseline; with evaluate.score_norm as_norm also the deployed system's AS-normalised
-scores (``<deployed>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
+and the no-training MFCC baseline; with evaluate.stats_branch lda also the LDA-projected MFCC statistics
+(``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.stats_lda), which is
+then what the bundle serves; with evaluate.score_norm as_norm also that served system's AS-normalised scores
+(``<served>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
+
+Trials: the list data/model_inputs generated (evaluate.trials ""), or a Kaldi/VoxCeleb list under data/trials/ of
+utterance ids of the feature store (voiceprint.trials); listed trials that cannot be scored are counted in
+eval.json ``trials`` and named in the log. LLR calibration (voiceprint.calibration): fitted on all trials among a
+seeded share (evaluate.calibration_speakers) of the evaluation speakers, judged on the listed trials among the
+others (eval.json ``calibration``: Cllr, minCllr, actDCF, minDCF of the raw and the calibrated scores), stored in
+the bundle as llr_calibration.json; the decision thresholds are measured on all trials as before.
 """
 import json
 
@@ -35,6 +44,14 @@ def main() -> None:
     score_norm = p.str("score_norm", choices=SCORE_NORMS)
     cohort_top_n = p.int("cohort_top_n", min=MIN_TOP_N)
     cohort_utterances = p.int("cohort_utterances", min=1)
+    from voiceprint.stats_lda import STATS_BRANCHES
+
+    stats_branch = p.str("stats_branch", choices=STATS_BRANCHES)
+    stats_weight = p.float("stats_weight", min=0.0, max=1.0)
+    trials_file = p.str("trials")
+    calibration_share = p.float("calibration_speakers", min=0.0, max=1.0, min_exclusive=True)
+    calibration_prior = p.float("calibration_prior", min=0.0, max=1.0, min_exclusive=True)
+    check_trial_list_params(p, trials_file, calibration_prior)
     tdnn = params.section("tdnn")
     from voiceprint.evaluation import FUSIONS, fusion_base_weight
 
@@ -53,6 +70,12 @@ def main() -> None:
 
     store = FeatureStore.open("data/features")
     split, trials = read_split("data/model_inputs")
+    listed = None
+    if trials_file:
+        from voiceprint.trials import evaluation_trials
+
+        trials, listed = evaluation_trials(trials_file, store.index, split)
+        report_listed_trials(trials_file, listed)
     if score_norm == "as_norm":   # before any embedding: can the training speakers supply the top N?
         from voiceprint.score_norm import check_top_n
 
@@ -65,44 +88,58 @@ def main() -> None:
     if base_weight is not None:
         embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
         models["fused"] = fuse_models(models["base"], models["head"], base_weight)
-    train_rows = store.position(split[split.role == "train"].utterance)
+    train = split[split.role == "train"]
+    train_rows = store.position(train.utterance)
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows)[positions]
+    served, stats_lda = deploy, None
+    if stats_branch == "lda":
+        from voiceprint.stats_lda import fit_stats_lda
 
-    report, scores = {}, {}
+        stats_lda = fit_stats_lda(store.baseline[train_rows], train.speaker.to_numpy(), weight=stats_weight)
+        embeddings["mfcc_lda"] = stats_lda.project(store.baseline[positions])
+        served = f"{deploy}_mfcc_lda"
+        embeddings[served] = stats_lda.joint(embeddings[deploy], store.baseline[positions])
+
+    report, scores = ({"trials": listed.counts()} if listed is not None else {}), {}
     labels = trials.label.to_numpy()
     for name, emb in embeddings.items():
         scores[name] = cosine_scores(emb, ev.utterance.to_numpy(), trials)
         report[name] = report_system(scores[name], trials, emb, ev.speaker.to_numpy(), p_target=p_target,
                                      bootstrap=bootstrap, seed=seed)
-        write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], labels))
+        write_csv(f"plots/det/{name}.csv", plots.det_table(scores[name], labels))
     deltas, verdicts = guard_against_base(report, scores=scores, trials=trials, bootstrap=bootstrap, seed=seed)
     report.update(deltas)
     report["deployed"] = deploy
 
-    calibrated, cohort = deploy, None
+    calibrated, cohort = served, None
     if score_norm == "as_norm":
         cohort = training_cohort(models, store, split, deploy=deploy, fusion=fusion, base_weight=base_weight,
-                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop)
-        calibrated = f"{deploy}_asnorm"
-        verdicts.append(add_as_norm_system(report, scores, calibrated, deploy, embeddings[deploy], cohort,
+                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop,
+                                 stats_lda=stats_lda)
+        calibrated = f"{served}_asnorm"
+        verdicts.append(add_as_norm_system(report, scores, calibrated, served, embeddings[served], cohort,
                                            cohort_top_n, ev.utterance.to_numpy(), trials, p_target=p_target,
                                            bootstrap=bootstrap, seed=seed))
 
     thresholds = {"eer": report[calibrated]["eer_threshold"], "low_far_rate": low_far,
                   "low_far": metrics.threshold_at_far(scores[calibrated], labels, low_far)}
+    llr_calibration, llr_fit = fit_llr_on_held_out_speakers(
+        report, calibrated, scores[calibrated], ev, trials, embeddings[served], cohort, cohort_top_n,
+        share=calibration_share, prior=calibration_prior, p_target=p_target, seed=seed)
     meta = json.loads((store.directory / META_FILE).read_text())
     features = {"kind": store.kind, "vad": meta.get("vad", "original"), "num_bands": store.num_bands,
                 "sample_rate": meta.get("sample_rate", 16000), "min_seconds": meta.get("min_seconds", 0.0),
                 "window_frames": window, "hop_frames": hop}
-    save_bundle(BUNDLE, models[deploy], system=deploy, features=features, thresholds=thresholds,
+    save_bundle(BUNDLE, models[deploy], system=served, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
-                score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None)
+                score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,
+                llr_calibration=llr_calibration, llr_fit=llr_fit, stats_lda=stats_lda)
 
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):
         report["cross_corpus"] = score_cross_corpus(
             cross_corpus, models, store, features, train_rows, base_weight, fusion, deploy=deploy, cohort=cohort,
-            top_n=cohort_top_n, p_target=p_target, bootstrap=bootstrap, seed=seed)
+            top_n=cohort_top_n, stats_lda=stats_lda, p_target=p_target, bootstrap=bootstrap, seed=seed)
     else:
         print(f"evaluate: evaluate.cross_corpus {cross_corpus!r} holds no recordings: no cross-corpus evaluation")
 
@@ -110,11 +147,11 @@ def main() -> None:
                     title=f"DET, {report['base']['target_trials']} target / "
                           f"{report['base']['nontarget_trials']} non-target trials")
     for name in scores:
-        if name in ("base", "head", "fused"):
+        if name in ("base", "head", "fused", served):
             plots.score_histograms(scores[name], labels, f"{FIGURES}/scores_{name}.png", title=f"{name} scores",
                                    threshold=report[name]["eer_threshold"], threshold_label="EER threshold")
-    plots.embedding_projection(embeddings[deploy], ev.speaker.to_numpy(), f"{FIGURES}/projection.png",
-                               method="tsne", seed=seed, title=f"{deploy}: evaluation speakers (t-SNE)")
+    plots.embedding_projection(embeddings[served], ev.speaker.to_numpy(), f"{FIGURES}/projection.png",
+                               method="tsne", seed=seed, title=f"{served}: evaluation speakers (t-SNE)")
     plots.training_curves(TRAINING_CURVES, f"{FIGURES}/training.png")
     write_metrics("metrics/eval.json", report)
 
@@ -132,10 +169,97 @@ def main() -> None:
         print(line)
 
 
+def check_trial_list_params(p, trials_file: str, calibration_prior: float) -> None:
+    from pathlib import Path
+
+    from voiceprint.trials import TRIALS_FOLDER
+
+    if calibration_prior >= 1.0:
+        raise p.error("calibration_prior", f"must be < 1, got {calibration_prior}")
+    if trials_file:
+        path = Path(trials_file)
+        # dvc.yaml tracks the folder: a list elsewhere could change without evaluate re-running.
+        if path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(Path(TRIALS_FOLDER).parts):
+            raise p.error("trials", f"{trials_file!r}: put the trial list under {TRIALS_FOLDER}/ (a dependency of "
+                                    "the stage in dvc.yaml), or give \"\" for the generated trials")
+        if not path.is_file():
+            raise p.error("trials", f"trial list {trials_file} not found")
+
+
+def report_listed_trials(trials_file: str, listed) -> None:
+    """Every listed trial that cannot be scored is counted and its entries named: never dropped silently."""
+    counts = listed.counts()
+    print(f"evaluate: {trials_file}: {counts['scored_trials']} of {counts['listed_trials']} trials scored")
+    if counts["missing_trials"]:
+        print(f"evaluate: {counts['missing_trials']} trial(s) not scored, {counts['missing_entries']} entries: "
+              + "; ".join(f"{e} ({r})" for e, r in listed.missing_entries.head(5).itertuples(index=False))
+              + ("; ..." if counts["missing_entries"] > 5 else ""))
+
+
+# Non-target trials among the calibration speakers fitted on at most (a seeded sample, as splits.make_trials).
+MAX_CALIBRATION_NONTARGETS = 200_000
+
+
+def fit_llr_on_held_out_speakers(report, system, raw_scores, ev, trials, embeddings, cohort, top_n, *, share,
+                                 prior, p_target, seed):
+    """The LLR calibration of ``system`` (``report["calibration"]`` and the bundle's llr_calibration.json).
+
+    Honest by construction: it is fitted on the trials among a seeded share of the evaluation speakers (all their
+    target pairs and up to MAX_CALIBRATION_NONTARGETS non-target pairs, scored as ``system``: cosine, or AS-norm
+    with ``cohort``) and reported on the evaluation trials among the other speakers only; trials touching a
+    calibration speaker are left out of that report (``left_out_trials``). Held-out *evaluation* speakers, not
+    the training speakers' validation utterances: the model was trained on those speakers, so their scores are
+    better separated than an unseen speaker's and a calibration fitted there would be over-confident.
+    Returns (LlrCalibration or None, fit numbers for the bundle); None, with the reason printed, when there are
+    too few speakers or the fit is impossible."""
+    import numpy as np
+
+    from voiceprint.calibration import calibration_speakers, held_out_report
+    from voiceprint.errors import DataError
+    from voiceprint.evaluation import as_norm_scores, cosine_scores
+    from voiceprint.splits import make_trials
+
+    held = calibration_speakers(ev.speaker, share, seed)
+    if held is None:
+        print(f"evaluate: {ev.speaker.nunique()} evaluation speakers are too few to hold out calibration speakers "
+              "(needs 2 on each side): no LLR calibration")
+        return None, None
+    fit_trials = make_trials(ev[ev.speaker.isin(held)], max_nontarget=MAX_CALIBRATION_NONTARGETS, seed=seed)
+    utterances = ev.utterance.to_numpy()
+    fit_scores = (as_norm_scores(embeddings, utterances, fit_trials, cohort, top_n) if cohort is not None
+                  else cosine_scores(embeddings, utterances, fit_trials))
+    reported = ~(trials.enroll_speaker.isin(held) | trials.test_speaker.isin(held)).to_numpy()
+    labels = trials.label.to_numpy()
+    try:
+        fitted, block = held_out_report(fit_scores, fit_trials.label.to_numpy(), raw_scores[reported],
+                                        labels[reported], prior=prior, p_target=p_target)
+    except (DataError, ValueError) as exc:   # separable fit trials, or one class missing from the reported ones
+        print(f"evaluate: no LLR calibration of {system}: {exc}")
+        return None, None
+    block.update(fit_speakers=len(held), speakers=int(ev.speaker.nunique()) - len(held),
+                 left_out_trials=int(np.count_nonzero(~reported)))
+    report["calibration"] = block
+    raw, cal = block["raw"], block["calibrated"]
+    print(f"evaluate: LLR calibration of {system} (fitted on {len(held)} speakers, {block['fit_target_trials']} / "
+          f"{block['fit_nontarget_trials']} trials; reported on the {block['speakers']} others, "
+          f"{block['target_trials']} / {block['nontarget_trials']} trials): Cllr raw {raw['cllr']:.3f} -> "
+          f"calibrated {cal['cllr']:.3f} (minCllr {cal['min_cllr']:.3f}), actDCF {raw['act_dcf']:.3f} -> "
+          f"{cal['act_dcf']:.3f} (minDCF {cal['min_dcf']:.3f}, prior {p_target:g})")
+    if fitted.scale <= 0:
+        print(f"WARNING: the LLR calibration of {system} has a scale of {fitted.scale:.3g} <= 0 (its scores are not "
+              "higher for same-speaker trials): not stored in the bundle")
+        return None, None
+    fit = {k: block[k] for k in ("fit_speakers", "fit_target_trials", "fit_nontarget_trials")}
+    fit.update(held_out={"speakers": block["speakers"], "target_trials": block["target_trials"],
+                         "nontarget_trials": block["nontarget_trials"], "p_target": p_target,
+                         **{k: cal[k] for k in ("cllr", "min_cllr", "act_dcf", "min_dcf")}})
+    return fitted, fit
+
+
 def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, *, deploy, cohort, top_n,
-                       **report_args) -> dict:
-    """Every system (and the MFCC baseline; with a cohort, the deployed system with AS-norm too) on all pairs of a
-    corpus never trained on (evaluate.cross_corpus)."""
+                       stats_lda=None, **report_args) -> dict:
+    """Every system (and the MFCC baseline; with a statistics branch, mfcc_lda and the served joint system; with a
+    cohort, the served system with AS-norm too) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
     from voiceprint.cross_corpus import load_eval_set
     from voiceprint.embedding import embed_features
     from voiceprint.evaluation import as_norm_scores, cosine_scores, fuse, report_system, znorm_baseline
@@ -153,20 +277,27 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
     if base_weight is not None:
         embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows, apply_to=eval_set.baseline)
+    served = deploy
+    if stats_lda is not None:
+        embeddings["mfcc_lda"] = stats_lda.project(eval_set.baseline)
+        served = f"{deploy}_mfcc_lda"
+        embeddings[served] = stats_lda.joint(embeddings[deploy], eval_set.baseline)
     out = {name: report_system(cosine_scores(emb, eval_set.utterances, eval_set.trials), eval_set.trials, emb,
                                eval_set.speakers, **report_args) for name, emb in embeddings.items()}
     if cohort is not None:
-        normalised = as_norm_scores(embeddings[deploy], eval_set.utterances, eval_set.trials, cohort, top_n)
-        out[f"{deploy}_asnorm"] = report_system(normalised, eval_set.trials, None, None, **report_args)
+        normalised = as_norm_scores(embeddings[served], eval_set.utterances, eval_set.trials, cohort, top_n)
+        out[f"{served}_asnorm"] = report_system(normalised, eval_set.trials, None, None, **report_args)
     out.update(speakers=int(len(set(eval_set.speakers))), utterances=len(eval_set.utterances),
                left_out=len(eval_set.rejected))
     return out
 
 
-def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop):
+def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop,
+                    stats_lda=None):
     """The AS-norm cohort: one mean embedding per training speaker (``score_norm.speaker_cohort``), embedded by the
-    deployed system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``), from
-    at most ``per_speaker`` training utterances each: a speaker mean needs few, and this bounds the cost."""
+    served system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``; with a
+    statistics branch, joined with the LDA-projected MFCC statistics), from at most ``per_speaker`` training
+    utterances each: a speaker mean needs few, and this bounds the cost."""
     from voiceprint.embedding import embed_utterances
     from voiceprint.evaluation import fuse
     from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
@@ -177,6 +308,8 @@ def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_sp
                                     progress=True, desc=f"cohort {name}")
              for name in (("base", "head") if deploy == "fused" else (deploy,))}
     emb = fuse(parts["base"], parts["head"], fusion, base_weight) if deploy == "fused" else parts[deploy]
+    if stats_lda is not None:
+        emb = stats_lda.joint(emb, store.baseline[positions])
     return speaker_cohort(emb, picked.speaker.to_numpy())
 
 
@@ -185,7 +318,7 @@ def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utt
     """Score the trials of system ``raw`` with AS-norm as system ``name`` (into ``report`` and ``scores``, with its
     DET points), and ``<name>_minus_<raw>_eer`` with its paired interval: does the normalisation help?
     Returns the line to print."""
-    from voiceprint import metrics
+    from voiceprint import plots
     from voiceprint.evaluation import as_norm_scores, paired_eer_difference_ci, report_system
     from voiceprint.outputs import write_csv
 
@@ -194,7 +327,7 @@ def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utt
     report[name] = report_system(scores[name], trials, None, None, p_target=p_target, bootstrap=bootstrap,
                                  seed=seed)
     report[name].update(cohort_speakers=len(cohort), cohort_top_n=top_n)
-    write_csv(f"plots/det/{name}.csv", metrics.det_points(scores[name], trials.label.to_numpy()))
+    write_csv(f"plots/det/{name}.csv", plots.det_table(scores[name], trials.label.to_numpy()))
     key = f"{name}_minus_{raw}_eer"
     report[key] = report[name]["eer"] - report[raw]["eer"]
     line = f"{name} vs {raw}: EER {100 * report[key]:+.2f} points"

@@ -6,6 +6,7 @@ from voiceprint.augment import MaskSettings
 from voiceprint.checkpoint import check_architecture, init_checkpoint_path
 from voiceprint.contracts import SoftmaxSettings, TrainSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow
 from voiceprint.stage import run_stage
@@ -36,7 +37,8 @@ def main() -> None:
         ["data/features", "data/model_inputs", *existing("data/augmented"), *([init] if init else []),
          Path(__file__)], distribution)
     trained = train_softmax(store, split, settings, init_checkpoint=init, distribution=distribution,
-                            checkpoint=checkpoint, crop_transform=masks.mask if masks.masking else None)
+                            checkpoint=checkpoint, live_dir=live_dir("softmax"),
+                            crop_transform=masks.mask if masks.masking else None)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/softmax.keras")

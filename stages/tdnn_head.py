@@ -2,6 +2,7 @@
 (tdnn.* params except the fusion keys, which only the evaluate stage reads)."""
 from voiceprint.contracts import HeadSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
@@ -20,7 +21,7 @@ def main() -> None:
 
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")
-    trained = train_head(base, store, split, settings)
+    trained = train_head(base, store, split, settings, live_dir=live_dir("tdnn_head"))
     save_keras_model(trained.model, "models/tdnn_head.keras")
     write_csv("plots/tdnn_head.csv", trained.history)
     last = trained.history.iloc[-1]

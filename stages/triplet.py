@@ -6,6 +6,7 @@ from pathlib import Path
 from voiceprint.checkpoint import init_checkpoint_path
 from voiceprint.contracts import TrainSettings, TripletSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
@@ -43,7 +44,8 @@ def main() -> None:
             "triplet", {**dataclasses.asdict(settings), "init_checkpoint": init},
             ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
              Path(__file__)], distribution)
-    trained = train_triplet(model, store, split, settings, distribution=distribution, checkpoint=checkpoint)
+    trained = train_triplet(model, store, split, settings, distribution=distribution, checkpoint=checkpoint,
+                            live_dir=live_dir("triplet"))
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/triplet.keras")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,79 @@ def test_cluster_on_pair_scores_matches_cosine_clustering(normed, corpus, embedd
     np.testing.assert_array_equal(nrec.cluster(list(corpus[1].file), threshold=0.5),
                                   api.cluster_embeddings(embeddings, threshold=0.5, scores=normed_scores))
     assert nrec.cluster(list(corpus[1].file), num_speakers=3).max() == 3
+
+
+# ------------------------------------------------------------------------------------------------ audio in memory
+
+def test_arrays_and_bytes_embed_exactly_as_their_files(rec, corpus, tmp_path):
+    import soundfile as sf
+
+    mono, rate = sf.read(corpus[1].file[0], dtype="int16")
+    stereo = np.stack([mono, (mono // 3).astype(np.int16)], axis=1)     # channels differ: the mix-down matters
+    path = tmp_path / "stereo_22k.wav"
+    sf.write(path, stereo, 22050, subtype="PCM_16")                      # another rate: resampled on the way in
+    expected = rec.embed(path)
+    as_float, _ = sf.read(path, dtype="float32")                          # soundfile's own (samples, channels)
+    np.testing.assert_array_equal(rec.embed_signal(stereo, 22050), expected)          # int16, scaled by 1/32768
+    np.testing.assert_array_equal(rec.embed_signal(as_float, 22050), expected)        # float
+    np.testing.assert_array_equal(rec.embed_signal(stereo.astype(np.int32) << 16, 22050), expected)   # int32
+    np.testing.assert_array_equal(rec.embed(path.read_bytes()), expected)             # encoded content
+    np.testing.assert_array_equal(rec.embed(api.Audio(path.read_bytes(), name="x.wav")), expected)
+    # mono (samples,) at the model's rate: the untouched corpus file
+    np.testing.assert_array_equal(rec.embed_signal(mono, rate), rec.embed(corpus[1].file[0]))
+
+
+def test_verify_compare_identify_take_arrays_and_bytes(rec, corpus, embeddings, tmp_path):
+    import soundfile as sf
+
+    files = list(corpus[1].file)
+    arrays = [sf.read(f, dtype="float32") for f in files]     # (samples, rate) tuples
+    by_file = rec.verify(files[0], files[1])
+    assert rec.verify(arrays[0], Path(files[1]).read_bytes()) == by_file
+    np.testing.assert_array_equal(rec.compare(api.Audio(*arrays[0]), arrays[1:4]), rec.compare(files[0], files[1:4]))
+    with Registry(tmp_path / "reg.sqlite") as reg:
+        assert rec.enroll(reg, "alice", [Path(files[0]).read_bytes(), arrays[1]]).added == 2
+        # the same recording as a file: same content hash, not stored twice
+        assert rec.enroll(reg, "alice", [files[0]]).already_enrolled == 1
+        assert rec.identify(reg, arrays[2], threshold=-1.0) == rec.identify(reg, files[2], threshold=-1.0)
+
+
+@pytest.mark.parametrize("samples, rate, reason", [
+    (np.array([], np.float32), 16000, "empty"),
+    (np.zeros((0, 2), np.int16), 16000, "empty"),
+    (np.r_[np.full(16000, 0.1), np.nan], 16000, "non_finite"),
+    (np.zeros(16000, np.int16), 16000, "silent"),
+    (np.clip(3 * np.sin(np.arange(16000) / 3), -1, 1), 16000, "clipped"),
+    (np.random.default_rng(0).normal(0, 0.1, 3000), 16000, "too_short"),
+    (np.random.default_rng(0).normal(0, 0.1, (2, 16000)), 16000, "unreadable"),       # (channels, samples)
+    (np.random.default_rng(0).normal(0, 0.1, (10, 10, 10)), 16000, "unreadable"),
+    (np.array(["a", "b"]), 16000, "unreadable"),
+    (np.random.default_rng(0).normal(0, 0.1, 16000), 0, "unreadable"),
+])
+def test_bad_arrays_fail_with_the_reasons_files_get(rec, samples, rate, reason):
+    with pytest.raises(AudioError) as info:
+        rec.verify((samples, rate), (np.random.default_rng(1).normal(0, 0.1, 16000), 16000))
+    assert info.value.reason == reason and str(info.value).startswith("<array 0>: ")
+
+
+def test_bad_bytes_and_non_audio_inputs(rec):
+    with pytest.raises(AudioError) as info:
+        rec.embed(b"")
+    assert info.value.reason == "empty"
+    with pytest.raises(AudioError) as info:
+        rec.embed(api.Audio(b"RIFF not really", name="upload.wav"))
+    assert (info.value.reason, info.value.path) == ("unreadable", "upload.wav")
+    with pytest.raises(api.InputError, match="needs its sample rate"):
+        rec.embed(np.zeros(16000))
+    with pytest.raises(api.InputError, match="input 1: int is not audio"):
+        rec.embed_files([(np.zeros(16000), 16000), 16000])
+
+
+def test_similarity_of_embeddings(rec, normed, embeddings):
+    e = embeddings
+    assert api.similarity(e[0], e[1]) == pytest.approx(float(e[0] @ e[1]), abs=1e-6)
+    assert api.similarity(2 * e[0], e[0]) == pytest.approx(1.0)
+    np.testing.assert_allclose(api.similarity(e[:2], e[2:5]), e[:2] @ e[2:5].T, atol=1e-6)
+    assert rec.similarity(e[0], e[1]) == pytest.approx(api.similarity(e[0], e[1]))
+    nrec, _ = normed
+    assert nrec.similarity(e[0], e[1]) == pytest.approx(float(nrec.scores(e[:1], e[1:2])[0, 0]))

@@ -42,7 +42,7 @@ def _copy(saved, tmp_path):
 
 def test_round_trip(saved, model):
     loaded = B.load_bundle(saved)
-    assert sorted(p.name for p in saved.iterdir()) == ["calibration.json", "model.keras"]
+    assert sorted(p.name for p in saved.iterdir()) == ["model.keras", "thresholds.json"]
     assert (loaded.system, loaded.embedding_dim, loaded.thresholds) == ("head", 16, THRESHOLDS)
     assert loaded.features == B.FeatureSettings("logmel_cmn", 16000, 64, 0.5, 0, 80, "original")
     assert loaded.evaluation == EVALUATION
@@ -61,7 +61,7 @@ def test_round_trip(saved, model):
 def test_save_is_byte_reproducible(saved, model, tmp_path):
     again = B.save_bundle(tmp_path / "again", model, system="head", features=FEATURES, thresholds=THRESHOLDS,
                           evaluation=EVALUATION)
-    for name in ("model.keras", "calibration.json"):
+    for name in ("model.keras", "thresholds.json"):
         assert (again / name).read_bytes() == (saved / name).read_bytes()
 
 
@@ -93,22 +93,22 @@ def test_invalid_calibration_names_file_and_key(saved, tmp_path, edit, message):
 
 
 def _assert_edit_refused(bundle, tmp_path, edit, message):
-    """``edit`` applied to a copy's calibration.json makes load_bundle fail with ``message``, naming the file."""
+    """``edit`` applied to a copy's thresholds.json makes load_bundle fail with ``message``, naming the file."""
     copy = _copy(bundle, tmp_path)
-    calibration = json.loads((copy / "calibration.json").read_text())
+    calibration = json.loads((copy / "thresholds.json").read_text())
     edit(calibration)
-    (copy / "calibration.json").write_text(json.dumps(calibration))
+    (copy / "thresholds.json").write_text(json.dumps(calibration))
     with pytest.raises(B.BundleError, match=message) as info:
         B.load_bundle(copy)
-    assert "calibration.json" in str(info.value)
+    assert "thresholds.json" in str(info.value)
 
 
 def test_broken_json_and_missing_parts(saved, tmp_path):
     copy = _copy(saved, tmp_path)
-    (copy / "calibration.json").write_text("{not json")
-    with pytest.raises(B.BundleError, match="calibration.json: not valid JSON"):
+    (copy / "thresholds.json").write_text("{not json")
+    with pytest.raises(B.BundleError, match="thresholds.json: not valid JSON"):
         B.load_bundle(copy)
-    (copy / "calibration.json").unlink()
+    (copy / "thresholds.json").unlink()
     with pytest.raises(B.BundleError, match="not a voiceprint bundle"):
         B.load_bundle(copy)
     with pytest.raises(B.ModelNotFoundError, match="nowhere not found"):
@@ -166,25 +166,25 @@ def normed(model, tmp_path_factory):
 
 def test_as_norm_round_trip(normed, saved, model, tmp_path):
     loaded = B.load_bundle(normed)
-    assert sorted(p.name for p in normed.iterdir()) == ["calibration.json", "cohort.npy", "model.keras"]
+    assert sorted(p.name for p in normed.iterdir()) == ["cohort.npy", "model.keras", "thresholds.json"]
     assert (loaded.score_norm, loaded.cohort_top_n, loaded.thresholds) == ("as_norm", 4, NORMED)
     assert loaded.cohort.dtype == np.float32
     np.testing.assert_array_equal(loaded.cohort, COHORT)
-    calibration = json.loads((normed / "calibration.json").read_text())
+    calibration = json.loads((normed / "thresholds.json").read_text())
     assert calibration["cohort_sha256"] == B.file_sha256(normed / "cohort.npy")
-    assert calibration["model_sha256"] == json.loads((saved / "calibration.json").read_text())["model_sha256"]
+    assert calibration["model_sha256"] == json.loads((saved / "thresholds.json").read_text())["model_sha256"]
     # explicit thresholds are normalised scores: any finite number
     assert loaded.threshold("-3.5") == ("explicit", -3.5)
     with pytest.raises(B.ThresholdError, match="expected a finite number"):
         loaded.threshold("inf")
     again = B.save_bundle(tmp_path / "again", model, system="head", features=FEATURES, thresholds=NORMED,
                           evaluation=EVALUATION, score_norm="as_norm", cohort=COHORT, cohort_top_n=4)
-    for name in ("model.keras", "cohort.npy", "calibration.json"):
+    for name in ("model.keras", "cohort.npy", "thresholds.json"):
         assert (again / name).read_bytes() == (normed / name).read_bytes()
     # a cosine bundle is unchanged: no score-norm keys, no cohort, cosine thresholds
     plain = B.load_bundle(saved)
     assert (plain.score_norm, plain.cohort, plain.cohort_top_n) == ("none", None, None)
-    plain_keys = set(json.loads((saved / "calibration.json").read_text()))
+    plain_keys = set(json.loads((saved / "thresholds.json").read_text()))
     assert not {"score_norm", "cohort_top_n", "cohort_sha256"} & plain_keys
 
 
@@ -194,7 +194,7 @@ def test_swapped_or_missing_cohort_is_refused(normed, tmp_path):
     with pytest.raises(B.BundleError, match=r"cohort.npy: sha256 .* differs from cohort_sha256 .* the cohort file"):
         B.load_bundle(copy)
     (copy / "cohort.npy").unlink()
-    with pytest.raises(B.BundleError, match="cohort.npy missing, but calibration.json has score_norm as_norm"):
+    with pytest.raises(B.BundleError, match="cohort.npy missing, but thresholds.json has score_norm as_norm"):
         B.load_bundle(copy)
 
 
@@ -219,3 +219,59 @@ def test_save_checks_the_cohort(model, tmp_path):
         B.save_bundle(tmp_path / "b", model, **{**args, "score_norm": "none", "thresholds": THRESHOLDS},
                       cohort=COHORT, cohort_top_n=2)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_with_the_old_thresholds_file_name_loads(saved, tmp_path):
+    copy = _copy(saved, tmp_path)
+    (copy / "thresholds.json").rename(copy / "calibration.json")     # as written before the rename
+    old = B.load_bundle(copy)
+    assert (old.thresholds, old.model_sha256, old.llr_calibration) == (THRESHOLDS, B.load_bundle(saved).model_sha256,
+                                                                       None)
+    with pytest.raises(B.NoLlrCalibrationError, match="no LLR calibration"):
+        old.llr([0.5])
+
+
+def test_shipped_bundle_loads_under_its_old_file_name():
+    from voiceprint import pretrained
+
+    assert (pretrained.SHIPPED / "calibration.json").is_file()
+    shipped = B.load_bundle(pretrained.shipped_model())
+    assert shipped.thresholds is not None and shipped.llr_calibration is None
+
+
+@pytest.fixture(scope="module")
+def with_llr(model, tmp_path_factory):
+    from voiceprint.calibration import LlrCalibration
+
+    return B.save_bundle(tmp_path_factory.mktemp("llr") / "voiceprint", model, system="head", features=FEATURES,
+                         thresholds=THRESHOLDS, evaluation=EVALUATION,
+                         llr_calibration=LlrCalibration(scale=20.0, offset=-8.0, fit_prior=0.5),
+                         llr_fit={"target_trials": 10, "nontarget_trials": 90})
+
+
+def test_llr_calibration_round_trip(with_llr, saved):
+    assert sorted(p.name for p in with_llr.iterdir()) == ["llr_calibration.json", "model.keras", "thresholds.json"]
+    loaded = B.load_bundle(with_llr)
+    assert (loaded.llr_calibration.scale, loaded.llr_calibration.offset) == (20.0, -8.0)
+    np.testing.assert_allclose(loaded.llr([0.4, 0.5]), [0.0, 2.0])
+    data = json.loads((with_llr / "llr_calibration.json").read_text())
+    assert data["fit"] == {"target_trials": 10, "nontarget_trials": 90} and data["score_norm"] == "none"
+    assert data["model_sha256"] == loaded.model_sha256
+    # the thresholds file is the same as without an LLR calibration: the decision thresholds stay as they are
+    assert (with_llr / "thresholds.json").read_bytes() == (saved / "thresholds.json").read_bytes()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_sha256="0" * 64), "model_sha256: differs from the bundle's model"),
+    (lambda c: c.update(score_norm="as_norm"), "score_norm: 'as_norm', but the bundle scores with 'none'"),
+    (lambda c: c.update(scale="steep"), "scale: expected a finite number"),
+    (lambda c: c.update(kind="platt"), "kind: expected 'linear_logistic_regression'"),
+])
+def test_invalid_llr_calibration_names_file_and_key(with_llr, tmp_path, edit, message):
+    copy = _copy(with_llr, tmp_path)
+    data = json.loads((copy / "llr_calibration.json").read_text())
+    edit(data)
+    (copy / "llr_calibration.json").write_text(json.dumps(data))
+    with pytest.raises(B.BundleError, match=message) as info:
+        B.load_bundle(copy)
+    assert "llr_calibration.json" in str(info.value)

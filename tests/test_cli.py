@@ -232,3 +232,37 @@ def test_json_integration_from_a_bare_interpreter(setup, tmp_path):
     assert (r["remove_unknown"]["code"], r["remove_unknown"]["result"]["error"]["kind"]) == (5, "registry")
     assert (r["missing_model"]["code"], r["missing_model"]["result"]["error"]["kind"]) == (3, "model")
     assert len(r["missing_model"]["stderr"].strip().splitlines()) == 1
+
+
+def test_json_before_the_command_gives_the_same_document(setup, capsys):
+    a, b = setup["files"][:2]
+    code, before, err = _run(capsys, "--json", "verify", a, b, "--model", setup["bundle"])
+    assert (code, err) == (0, "")
+    assert json.loads(before) == json.loads(_run(capsys, "verify", a, b, "--model", setup["bundle"], "--json")[1])
+
+
+def test_api_error_messages_are_not_prefixed_twice(setup, capsys):
+    code, out, err = _run(capsys, "cluster", *setup["files"][:2], "--speakers", 5, "--model", setup["bundle"])
+    assert code == cli.EXIT_USAGE
+    assert err == "voiceprint cluster: error: --speakers 5 must lie in [1, 2] (the number of files)\n"
+
+
+def test_a_model_found_in_the_working_directory_is_named(setup, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("VOICEPRINT_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "voiceprint").symlink_to(setup["bundle"])
+    code, out, err = _run(capsys, "verify", *setup["files"][:2], "--json")
+    assert code == 0 and json.loads(out)["model"] == "models/voiceprint"
+    assert f"using the model at {tmp_path}/models/voiceprint (./models/voiceprint in the current directory)" in err
+    code, out, err = _run(capsys, "verify", *setup["files"][:2], "--model", setup["bundle"])   # chosen: no notice
+    assert (code, err) == (0, "")
+
+
+def test_export_command_writes_the_model(setup, capsys, tmp_path):
+    import h5py
+
+    code, out, err = _run(capsys, "export", Path(setup["bundle"]) / "model.keras", "--format", "original_h5",
+                          "-o", tmp_path / "weights.h5")
+    assert code == 0, err
+    assert out.startswith("wrote ") and h5py.is_hdf5(tmp_path / "weights.h5")

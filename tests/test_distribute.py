@@ -44,7 +44,7 @@ def test_the_chief_writes():
     assert is_chief(with_chief, "chief", 0) and not is_chief(with_chief, "worker", 0)
 
 
-def test_precision_and_strategy_names(capsys):
+def test_precision_and_strategy_names(caplog):
     assert resolve_precision(False, gpus=1) == "float32"
     assert resolve_precision(True, gpus=1) == "mixed_float16"
     assert resolve_precision(True, gpus=1, flags={"avx512_bf16"}) == "mixed_float16"     # a GPU wins
@@ -52,7 +52,7 @@ def test_precision_and_strategy_names(capsys):
     assert resolve_precision(True, gpus=0, flags={"amx_bf16"}) == "mixed_bfloat16"
     assert resolve_precision(False, gpus=0, flags={"avx512_bf16"}) == "float32"
     assert resolve_precision(True, gpus=0, flags={"avx2", "fma"}) == "float32"
-    assert "train.mixed_precision: true is ignored: no GPU and no CPU bfloat16 support" in capsys.readouterr().err
+    assert "train.mixed_precision: true is ignored: no GPU and no CPU bfloat16 support" in caplog.text
     with pytest.raises(ValueError, match="train.strategy: must be one of auto, mirrored, multi_worker; got 'tpu'"):
         make_distribution("tpu")
     local = make_distribution("auto")

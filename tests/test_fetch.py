@@ -175,12 +175,12 @@ def test_md5_mismatch_names_url_and_both_md5s_and_leaves_nothing(server, tmp_pat
     assert leftovers(tmp_path) == []
 
 
-def test_server_errors_are_retried_with_backoff(server, tmp_path, capsys):
+def test_server_errors_are_retried_with_backoff(server, tmp_path, caplog):
     url = serve_payload(server)
     server.script["/a.bin"] = [500, 500]
     fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, **FAST)
     assert len(server.requests) == 3 and (tmp_path / "a.bin").read_bytes() == PAYLOAD
-    assert capsys.readouterr().err.count("HTTP 500") == 2
+    assert caplog.text.count("HTTP 500") == 2
 
 
 def test_timeouts_are_retried(server, tmp_path):
@@ -212,12 +212,12 @@ def test_retries_are_bounded_when_the_file_restarts_without_growing(server, tmp_
     assert len(server.requests) == 4
 
 
-def test_206_with_the_wrong_content_range_restarts_cleanly(server, tmp_path, capsys):
+def test_206_with_the_wrong_content_range_restarts_cleanly(server, tmp_path, caplog):
     url = serve_payload(server)
     server.script["/a.bin"] = [("content_range", "bytes 5-299999/300000")]    # to a request without Range
     fetch.download(url, tmp_path / "a.bin", md5=PAYLOAD_MD5, **FAST)
     assert (tmp_path / "a.bin").read_bytes() == PAYLOAD and len(server.requests) == 2
-    assert "Content-Range 'bytes 5-299999/300000'" in capsys.readouterr().err
+    assert "Content-Range 'bytes 5-299999/300000'" in caplog.text
 
 
 def test_206_with_the_wrong_content_range_every_time_fails_naming_the_url(server, tmp_path):

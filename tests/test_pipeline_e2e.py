@@ -52,7 +52,8 @@ def make_repo(dst: Path, overrides: dict):
     for rel in _tracked_files():
         src = REPO / rel
         if src.is_file() and not rel.startswith(("data/raw", "data/features", "data/model_inputs", "models/",
-                                                 "metrics/", "plots/")) and rel != "dvc.lock":
+                                                 "metrics/", "plots/", "versions/", "dvclive/")) \
+                and rel != "dvc.lock":
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     params = yaml.safe_load((dst / "params.yaml").read_text())
@@ -88,7 +89,12 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
         assert r["eer_ci95_low"] <= r["eer"] <= r["eer_ci95_high"]
         assert set(r["original_protocol"]) >= {"f_measure", "tpr", "accuracy"}
     assert isinstance(report["head_minus_base_eer"], float)
-    assert "tensorflow-cpu" in report["versions"] or "tensorflow" in report["versions"]
+    assert "versions" not in report         # metrics hold numbers; the versions have their own file
+    versions = json.loads((root / "versions/eval.json").read_text())
+    assert "tensorflow-cpu" in versions or "tensorflow" in versions
+    for name in ("softmax", "triplet", "tdnn_head"):
+        live = json.loads((root / f"dvclive/{name}/metrics.json").read_text())
+        assert live["step"] == TINY["tdnn" if name == "tdnn_head" else name]["epochs"] - 1, name
     for name in ("softmax", "triplet", "tdnn_head"):
         assert (root / f"models/{name}.keras").is_file()
         assert (root / f"plots/{name}.csv").is_file()
@@ -118,9 +124,17 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     assert experiment("tdnn.fusion=score", "tdnn.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
     report = json.loads((root / "metrics/eval.json").read_text())
     assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
-    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())
     assert calibration["system"] == "fused" and calibration["embedding_dim"] == 16 + 8
     assert calibration["thresholds"]["eer"] == pytest.approx(report["fused"]["eer_threshold"])
+    # The MFCC-statistics branch and AS-norm are evaluate's alone; the bundle then serves the joint system.
+    assert experiment("evaluate.stats_branch=lda", "evaluate.score_norm=as_norm",
+                      "evaluate.cohort_top_n=3") == {"evaluate"}
+    report = json.loads((root / "metrics/eval.json").read_text())
+    assert {"mfcc_lda", "fused_mfcc_lda", "fused_mfcc_lda_asnorm"} <= set(report)
+    calibration = json.loads((root / "models/voiceprint/calibration.json").read_text())
+    assert calibration["system"] == "fused_mfcc_lda" and calibration["embedding_dim"] == 16 + 8 + 4  # 5 speakers
+    assert calibration["thresholds"]["eer"] == pytest.approx(report["fused_mfcc_lda_asnorm"]["eer_threshold"])
     assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax") == {"tdnn_head", "evaluate"}
 
     # With Adam, a margin change only changes the weights through which triplets are active; from 0 to 1 the
@@ -153,3 +167,44 @@ def test_real_speech_from_a_folder(tmp_path, shared_dir):
     # real speech: even the untrained-baseline statistics separate these speakers far better than chance
     assert report["mfcc_baseline"]["eer"] < 0.3
     assert stages_run(run(["dvc", "repro"], root, env)) == set()
+
+
+def test_a_temp_experiment_shows_epoch_rows_while_the_stage_trains(tmp_path):
+    """`dvc exp run --temp`: the softmax stage's DVCLive log has its first epoch rows on disk before the stage has
+    written its model, and `dvc exp show` shows them in the running experiment's row."""
+    import signal
+    import time
+
+    epochs = 40     # tiny epochs: long enough for `dvc exp show` to run while the stage still trains
+    root, env = make_repo(tmp_path, {**TINY, "softmax": {**TINY["softmax"], "epochs": epochs}})
+    proc = subprocess.Popen(["dvc", "exp", "run", "--temp", "softmax"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    exps = root / ".dvc/tmp/exps"      # the temporary workspace: exps/standalone/tmpXXXX in DVC 3
+    seen = None
+    try:
+        deadline = time.monotonic() + 900
+        while seen is None:
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline
+            for live in [*exps.glob("*/dvclive/softmax/metrics.json"), *exps.glob("*/*/dvclive/softmax/metrics.json")]:
+                try:
+                    summary = json.loads(live.read_text())
+                except ValueError:      # caught mid-write
+                    continue
+                if "loss" in summary and not (live.parents[2] / "models/softmax.keras").exists():
+                    seen = summary, _steps(live.parent / "plots/metrics/loss.tsv")
+            time.sleep(0.05)
+        shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)     # the experiment and its stage: the rest of training is not needed
+        proc.wait()
+    summary, steps = seen
+    assert summary["step"] == steps[-1] and steps == list(range(len(steps)))
+    live_rows = [rev["data"]["metrics"]["dvclive/softmax/metrics.json"]["data"]
+                 for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]
+                 if "dvclive/softmax/metrics.json" in ((rev.get("data") or {}).get("metrics") or {})]
+    assert live_rows and all(0 <= row["step"] < epochs - 1 for row in live_rows), live_rows
+
+
+def _steps(tsv: Path) -> list[int]:
+    return [int(line.split("\t")[0]) for line in tsv.read_text().splitlines()[1:]]

@@ -1,14 +1,19 @@
 """Figures: PNG files of the expected size, the same bytes for the same input, clear errors for bad input."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 pytest.importorskip("matplotlib")
 
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
+from tests.conftest import REPO  # noqa: E402
 from voiceprint import plots  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,3 +97,78 @@ def test_embedding_projection_deterministic(tmp_path, method):
     assert first.read_bytes() == second.read_bytes() and _size(first) == (650, 600)
     with pytest.raises(ValueError, match="45 embeddings but 3 speaker labels"):
         plots.embedding_projection(emb, ["a", "b", "c"], tmp_path / "p3.png", method=method)
+
+
+# --- DET points and the vega-lite template for `dvc plots` ---
+
+def test_det_table_adds_the_normal_deviates_of_both_rates():
+    from scipy.stats import norm
+
+    from voiceprint.plots import det_table
+
+    scores = [0.9, 0.8, 0.3, 0.7, 0.2, 0.1]
+    labels = [1, 1, 1, 0, 0, 0]
+    table = det_table(scores, labels)
+    assert list(table.columns) == ["threshold", "fpr", "fnr", "tpr", "fpr_deviate", "fnr_deviate"]
+    # at threshold 0.8: one of three non-targets accepted (0.7 < 0.8: none), one of three targets missed (0.3)
+    row = table[table.threshold == 0.8].iloc[0]
+    assert (row.fpr, row.fnr) == (0.0, 1 / 3)
+    assert row.fnr_deviate == pytest.approx(norm.ppf(1 / 3))
+    # a rate of 0 sits at the finest rate three trials can show
+    assert row.fpr_deviate == pytest.approx(norm.ppf(1 / 3))
+
+
+def test_the_committed_det_template_is_the_generated_one():
+    from voiceprint.plots import DET_TEMPLATE, det_vega_template
+
+    assert json.loads((REPO / DET_TEMPLATE).read_text()) == det_vega_template()
+
+
+def test_dvc_yaml_draws_det_curves_on_deviates_and_shows_every_evaluation_figure():
+    entries = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    by_name = {next(iter(p)) if isinstance(p, dict) else p: p for p in entries}
+    det = by_name["DET (all systems)"]["DET (all systems)"]
+    assert det["template"] == "det" and det["x"] == "fpr_deviate"
+    assert set(det["y"].values()) == {"fnr_deviate"}
+    assert "plots/eval" in by_name
+
+
+def test_dvc_plots_diff_overlays_the_det_curves_of_two_revisions(tmp_path):
+    """The DET plot of dvc.yaml with its template, in a repo whose DET points change between two revisions:
+    `dvc plots diff` renders both revisions' curves, on the deviate columns, in one plot."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    entries = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    det = next(p for p in entries if isinstance(p, dict) and "DET (all systems)" in p)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"plots": [det]}))
+    (tmp_path / plots.DET_TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / plots.DET_TEMPLATE, tmp_path / plots.DET_TEMPLATE)
+    labels = np.r_[np.ones(40), np.zeros(120)].astype(int)
+    (tmp_path / "plots/det").mkdir(parents=True)
+    for separation in (1.0, 2.0):
+        rng = np.random.default_rng(0)
+        for system in ("base", "head"):
+            scores = np.r_[rng.normal(separation, 1, 40), rng.normal(0, 1, 120)]
+            plots.det_table(scores, labels).to_csv(tmp_path / f"plots/det/{system}.csv", index=False)
+        if separation == 1.0:
+            run("git", "add", "-A")
+            run("git", "commit", "-qm", "first")
+    rendered = json.loads(run("dvc", "plots", "diff", "HEAD", "--json"))["data"]["DET (all systems)"][0]
+    assert rendered["type"] == "vega" and rendered["revisions"] == ["workspace", "HEAD"]
+    values = rendered["content"]["data"]["values"]
+    assert {(v["rev"], v["filename"]) for v in values} == {(rev, f"{system}.csv") for rev in ("workspace", "HEAD")
+                                                           for system in ("base", "head")}
+    layer = rendered["content"]["layer"][0]["encoding"]
+    assert (layer["x"]["field"], layer["y"]["field"]) == ("fpr_deviate", "fnr_deviate")

@@ -45,7 +45,7 @@ def test_package_records_provenance_evaluation_and_hashes(packaged):
     assert manifest["evaluation"]["in_domain"]["eer"] == 0.05
     assert manifest["evaluation"]["cross_corpus"]["eer"] == 0.1
     assert manifest["evaluation"]["cross_corpus_mfcc_baseline"] == 0.3
-    assert set(manifest["sha256"]) == {"calibration.json", "model.keras"}
+    assert set(manifest["sha256"]) == {"model.keras", "thresholds.json"}
     assert pretrained.shipped_model(shipped) == shipped
 
 

@@ -1,5 +1,6 @@
 """Resuming interrupted training: fingerprinted checkpoints, bit-exact resumed runs, and a stage killed mid-epoch."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -63,6 +64,13 @@ def tiny(tmp_path_factory):
     return write_tiny_inputs(tmp_path_factory.mktemp("inputs"))
 
 
+def _said(caplog) -> str:
+    """What the package logged since the last call (and forget it)."""
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
 def _weights(model):
     return b"".join(np.asarray(w).tobytes() for w in model.weights)
 
@@ -113,7 +121,8 @@ def test_resume_switch(monkeypatch):
         enabled()
 
 
-def test_checkpoint_round_trip_and_every_reason_to_start_over(tmp_path, capsys):
+def test_checkpoint_round_trip_and_every_reason_to_start_over(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="voiceprint")
     directory = tmp_path / "checkpoint"
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7], dtype=np.int64)]
     history = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
@@ -124,17 +133,17 @@ def test_checkpoint_round_trip_and_every_reason_to_start_over(tmp_path, capsys):
     assert loaded.epoch == 2 and loaded.history == history
     for got, want in zip(loaded.arrays, arrays):
         assert got.dtype == want.dtype and np.array_equal(got, want)
-    assert "resuming from" in capsys.readouterr().out
+    assert "resuming from" in _said(caplog)
 
     assert Checkpoint(directory, "other").load([(2, 3), (1,)]) is None
-    assert "made with other params, inputs or code; training starts over" in capsys.readouterr().out
+    assert "made with other params, inputs or code; training starts over" in _said(caplog)
     assert Checkpoint(directory, "abc").load([(2, 3)]) is None
-    assert "its 2 variables do not fit the model's 1" in capsys.readouterr().out
+    assert "its 2 variables do not fit the model's 1" in _said(caplog)
     (directory / CHECKPOINT_FILE).write_bytes(b"torn")
     assert Checkpoint(directory, "abc").load([(2, 3), (1,)]) is None
-    assert "it cannot be read" in capsys.readouterr().out
+    assert "it cannot be read" in _said(caplog)
     assert Checkpoint(tmp_path / "none", "abc").load([]) is None         # nothing to resume: silent
-    assert capsys.readouterr().out == ""
+    assert _said(caplog) == ""
 
     reader = Checkpoint(tmp_path / "worker", "abc", writer=False)       # multi-worker, not the chief
     reader.save(Snapshot(1, history[:1], arrays))
@@ -163,7 +172,8 @@ def _saved_epoch(directory: Path) -> int:
         return json.loads(bytes(data["meta"]).decode())["epoch"]
 
 
-def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch, capsys):
+def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="voiceprint")
     from voiceprint.batching import ClassificationBatches
     from voiceprint.training import _train_counter, train_softmax
 
@@ -182,10 +192,10 @@ def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeyp
     assert _saved_epoch(tmp_path / "killed") == 1
     monkeypatch.undo()
 
-    capsys.readouterr()
+    caplog.clear()
     configure_tensorflow(5)
     resumed = train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "killed", "f"), verbose=0)
-    assert "1 epoch(s) done" in capsys.readouterr().out
+    assert "1 epoch(s) done" in _said(caplog)
     assert _weights(resumed.model) == _weights(straight.model)
     pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
 
@@ -196,7 +206,8 @@ def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeyp
     pd.testing.assert_frame_equal(plain.history, straight.history, check_exact=True)
 
 
-def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tmp_path, monkeypatch, capsys):
+def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="voiceprint")
     from voiceprint.batching import SpeakerBatches
     from voiceprint.training import _train_counter, train_softmax, train_triplet
 
@@ -223,9 +234,9 @@ def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tm
     assert _saved_epoch(tmp_path / "killed") == 2
     monkeypatch.undo()
 
-    capsys.readouterr()
+    caplog.clear()
     resumed = run(tmp_path / "killed")
-    assert "2 epoch(s) done" in capsys.readouterr().out
+    assert "2 epoch(s) done" in _said(caplog)
     assert _weights(resumed.model) == straight_weights
     pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
 
@@ -234,9 +245,9 @@ def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tm
     with pytest.raises(Exception, match="injected interruption"):
         run(tmp_path / "stale")
     monkeypatch.undo()
-    capsys.readouterr()
+    caplog.clear()
     fresh = run(tmp_path / "stale", "other params")
-    assert "training starts over" in capsys.readouterr().out
+    assert "training starts over" in _said(caplog)
     assert _weights(fresh.model) == straight_weights and len(fresh.history) == 3
 
 
@@ -277,7 +288,14 @@ def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     rerun = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from models/checkpoints/softmax/{CHECKPOINT_FILE}: {epochs_done} epoch(s) done" in rerun.stdout
+    assert f"resuming from models/checkpoints/softmax/{CHECKPOINT_FILE}: {epochs_done} epoch(s) done" in rerun.stderr
     for output in ("models/softmax.keras", "plots/softmax.csv"):
         assert (killed / output).read_bytes() == (straight / output).read_bytes(), output
+    # the live log went on from the checkpoint: the same rows as the uninterrupted run's, one per epoch
+    live = Path("dvclive/softmax")
+    tables = sorted(p.relative_to(straight) for p in (straight / live / "plots/metrics").glob("*.tsv"))
+    assert {t.name for t in tables} >= {"loss.tsv", "accuracy.tsv", "val_loss.tsv", "val_accuracy.tsv"}
+    for output in [*tables, live / "metrics.json"]:
+        assert (killed / output).read_text() == (straight / output).read_text(), output
+    assert len((straight / live / "plots/metrics/loss.tsv").read_text().splitlines()) == 1 + SOFTMAX_STAGE["epochs"]
     assert not (killed / "models/checkpoints").exists()

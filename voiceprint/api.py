@@ -6,6 +6,9 @@
     rec = Recognizer("models/voiceprint")           # or a bare .keras file (then pass thresholds as numbers)
     rec.verify("a.flac", "b.flac")                  # Verification(score=0.71, threshold=0.41, ..., same_speaker=True)
     rec.compare("converted.wav", ["source.wav", "target.wav"])   # one cosine score per reference
+    rec.embed_signal(samples, 44100)                 # arrays too: (samples,) or (samples, channels), any rate
+    rec.verify((samples, 8000), Audio(flac_bytes))   # any input: a path, (array, rate), Audio(...) or file bytes
+    similarity(rec.embed("a.flac"), rec.embed("b.flac"))   # cosine of two embeddings
     with Registry() as reg:                          # VOICEPRINT_REGISTRY or ~/.local/share/voiceprint/registry.sqlite
         rec.enroll(reg, "alice", ["alice1.flac", "alice2.flac"])
         rec.identify(reg, "who.flac", top=3)        # Identification(speaker="alice" or "unknown", ...)
@@ -13,16 +16,24 @@
 Scores are cosine similarities in [-1, 1], or, with a bundle that carries an AS-norm cohort (``score_norm: as_norm``,
 written by the evaluate stage under ``evaluate.score_norm: as_norm``), those cosines normalised by AS-norm
 (``voiceprint.score_norm``), which is how that bundle's thresholds were calibrated; ``score_norm`` in each result
-says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's calibration (``"eer"``,
-``"low_far"``) or are given as numbers. Files are processed exactly as the
+says which. "Same speaker" means score >= threshold. Thresholds come from the bundle's thresholds.json (``"eer"``,
+``"low_far"``) or are given as numbers; a bundle with llr_calibration.json also maps scores to log-likelihood
+ratios (:meth:`Recognizer.llr`) and decides at a prior of a target (``verify_at_prior``, ``identify_at_prior``). Files are processed exactly as the
 pipeline processed its training and evaluation audio (the bundle's feature settings, then the feature store's
 float16 rounding), so a file embeds here as in the evaluate stage and the calibration applies: bit-identical, or
 within float32 round-off (~1e-7) where files of equal frame count share a batch.
 
-The CLI (``voiceprint.cli``) is a thin layer over this module.
+Audio in memory goes wherever a file path goes: an ``(array, rate)`` tuple, ``Audio(array, rate)``, or the
+encoded bytes of a file (``bytes`` or ``Audio(data)``); see :class:`voiceprint.audio.Audio` for the array layout
+(``(samples,)`` or ``(samples, channels)``, integers scaled by their type's range). It is decoded, mixed down,
+resampled and checked exactly as a file is, so the same samples embed the same either way.
+
+The CLI (``voiceprint.cli``) and the HTTP service (``voiceprint.serve``) are thin layers over this module.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from voiceprint.audio import AUDIO_EXTENSIONS
+from voiceprint.audio import AUDIO_EXTENSIONS, Audio
 from voiceprint.bundle import Bundle, BundleError, file_sha256, load_bundle
 from voiceprint.errors import VoiceprintError
 from voiceprint.registry import EnrollResult, Registry, SpeakerScore, rank_scores, rank_speakers
@@ -48,6 +59,46 @@ FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded 
 
 class InputError(VoiceprintError, ValueError):
     """The inputs name nothing usable (e.g. a directory without audio files)."""
+
+
+# What every operation takes as one recording: a file path, Audio (samples + rate, or encoded bytes), an
+# (array, rate) tuple, or the encoded bytes of a file.
+AudioInput = "str | os.PathLike | Audio | tuple[np.ndarray, int] | bytes"
+
+
+def as_audio(item, index: int = 0) -> Path | Audio:
+    """One input as a :class:`~pathlib.Path` (a file) or an :class:`Audio` (in memory, named ``<array i>`` or
+    ``<bytes i>`` after its position when it has no name). InputError for anything else, e.g. an array without
+    its sample rate."""
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        item = Audio(item)
+    elif isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, os.PathLike)):
+        item = Audio(*item)
+    elif isinstance(item, np.ndarray):
+        raise InputError(f"input {index}: an array needs its sample rate: pass (array, rate) or Audio(array, rate)")
+    elif not isinstance(item, Audio):
+        raise InputError(f"input {index}: {type(item).__name__} is not audio: give a file path, (array, rate), "
+                         "Audio(...) or the bytes of an audio file")
+    if item.name is None:
+        kind = "bytes" if isinstance(item.samples, (bytes, bytearray, memoryview)) else "array"
+        item = dataclasses.replace(item, name=f"<{kind} {index}>")
+    return item
+
+
+def source_of(item: Path | Audio) -> tuple[str, str]:
+    """(what the registry records as the source, sha256 of its content): a file's resolved path and bytes; in-memory
+    audio's name and the hash of its bytes (encoded content hashes as the same file would), so enrolling the same
+    recording twice stores it once."""
+    if isinstance(item, Path):
+        return str(item.resolve()), file_sha256(item)
+    if isinstance(item.samples, (bytes, bytearray, memoryview)):
+        return item.name, hashlib.sha256(item.samples).hexdigest()
+    samples = np.ascontiguousarray(item.samples)
+    digest = hashlib.sha256(f"{samples.dtype.str} {samples.shape} {item.sample_rate}\n".encode())
+    digest.update(samples.tobytes())
+    return item.name, digest.hexdigest()
 
 
 def default_model_path() -> Path:
@@ -114,6 +165,13 @@ def _walk_files(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(audio), sorted(others)
 
 
+def similarity(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
+    """Cosine similarity of two embeddings (a float), or of the rows of two (n, D) / (m, D) arrays ((n, m)).
+    :meth:`Recognizer.similarity` scores with the model's own scoring (AS-norm where its bundle has a cohort)."""
+    scores = cosine(a, b)
+    return float(scores[0, 0]) if np.ndim(a) == 1 and np.ndim(b) == 1 else scores
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of the rows of ``a`` with the rows of ``b``: (len(a), len(b)), float64."""
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
@@ -168,6 +226,8 @@ class Verification:
     threshold_name: str      # "eer", "low_far" or "explicit"
     same_speaker: bool       # score >= threshold
     score_norm: str = "none"   # "none" (cosine) or "as_norm"
+    llr: float | None = None     # verify_at_prior: the score's log-likelihood ratio (llr_calibration.json)
+    prior: float | None = None   # verify_at_prior: the prior of a target the decision was made at
 
 
 @dataclass(frozen=True)
@@ -178,6 +238,8 @@ class Identification:
     threshold_name: str
     candidates: list[SpeakerScore]    # the top speakers, best first
     score_norm: str = "none"          # "none" (cosine) or "as_norm"
+    llr: float | None = None          # identify_at_prior: the best speaker's log-likelihood ratio
+    prior: float | None = None        # identify_at_prior: the prior the decision was made at
 
     @property
     def known(self) -> bool:
@@ -202,7 +264,9 @@ class Recognizer:
 
     @property
     def model_sha256(self) -> str:
-        return self.bundle.model_sha256
+        """What the embeddings depend on (the registry keys enrolments by it): the model file's sha256, combined
+        with the MFCC-statistics branch's in a bundle that has one."""
+        return self.bundle.scoring_sha256
 
     @property
     def shipped(self) -> dict | None:
@@ -222,52 +286,82 @@ class Recognizer:
             return as_norm_matrix(enroll, test, self.bundle.cohort, self.bundle.cohort_top_n)
         return cosine(enroll, test)
 
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Score of two embeddings with the scoring the thresholds were calibrated on (see :attr:`score_norm`)."""
+        return float(self.scores(np.reshape(a, (1, -1)), np.reshape(b, (1, -1)))[0, 0])
+
     def threshold(self, which: str | float = "eer") -> tuple[str, float]:
         """``(name, value)``; see :meth:`voiceprint.bundle.Bundle.threshold`."""
         return self.bundle.threshold(which)
 
     # ----------------------------------------------------------------------------------------- embedding
 
-    def features(self, path: str | Path) -> np.ndarray:
-        """(frames, bands) float32 features of one file. AudioError for unusable audio (too short included)."""
-        feats, _ = self._featurize(path, self.bundle.features.kind, **self._featurize_kwargs)
-        # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
-        return feats.astype(np.float16).astype(np.float32)
+    def features(self, path: AudioInput) -> np.ndarray:
+        """(frames, bands) float32 features of one recording (a file or in memory, see :func:`as_audio`).
+        AudioError for unusable audio (too short included)."""
+        return self._features_and_stats(path, with_stats=False)[0]
 
-    def embed_files(self, paths: Sequence[str | Path], *, progress: bool = False) -> np.ndarray:
-        """(len(paths), D) float32 L2-normalised embeddings, one per file in order. Any bad file raises
-        AudioError (naming it) before anything is returned."""
+    def _features_and_stats(self, path: AudioInput, *, with_stats: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        item = as_audio(path)
+        if isinstance(item, Path):
+            feats, stats = self._featurize(item, self.bundle.features.kind, **self._featurize_kwargs)
+        else:
+            from voiceprint.features import featurize_signal
+
+            kwargs = dict(self._featurize_kwargs)
+            signal = item.load(kwargs.pop("sample_rate"), kwargs.pop("min_seconds"),
+                               max_clipped_fraction=kwargs.pop("max_clipped_fraction"))
+            made = featurize_signal(signal, self.bundle.features.kind, self.bundle.features.sample_rate,
+                                    name=item.name, with_stats=with_stats, **kwargs)
+            feats, stats = made if with_stats else (made, None)
+        # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
+        return feats.astype(np.float16).astype(np.float32), stats
+
+    def embed_files(self, paths: Sequence[AudioInput], *, progress: bool = False) -> np.ndarray:
+        """(len(paths), D) float32 L2-normalised embeddings, one per input in order: files, or audio in memory
+        (see :func:`as_audio`). Any bad input raises AudioError (naming it) before anything is returned."""
         from tqdm import tqdm
 
         from voiceprint.embedding import embed_features
 
-        paths = list(paths)
+        paths = [as_audio(p, i) for i, p in enumerate(paths)]
         settings = self.bundle.features
         out = []
         with tqdm(total=len(paths), desc="embed", unit="file", disable=not progress, mininterval=1) as bar:
             for start in range(0, len(paths), FILES_PER_CHUNK):
-                feats = []
+                feats, stats = [], []
                 for path in paths[start:start + FILES_PER_CHUNK]:
-                    feats.append(self.features(path))
+                    f, s = self._features_and_stats(path, with_stats=self.bundle.stats_lda is not None)
+                    feats.append(f)
+                    stats.append(s)
                     bar.update()
-                out.append(embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
-                                          hop_frames=settings.hop_frames))
+                emb = embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
+                                     hop_frames=settings.hop_frames)
+                # The store keeps MFCC statistics as float32: the statistics branch was fitted on those.
+                out.append(emb if self.bundle.stats_lda is None
+                           else self.bundle.stats_lda.joint(emb, np.asarray(stats, np.float32)))
         if not out:
             return np.zeros((0, self.bundle.embedding_dim), np.float32)
         return np.concatenate(out)
 
-    def embed(self, path: str | Path) -> np.ndarray:
+    def embed(self, path: AudioInput) -> np.ndarray:
         return self.embed_files([path])[0]
+
+    def embed_signal(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
+        """The embedding of samples in memory: ``(samples,)`` or ``(samples, channels)`` (soundfile's layout, mixed
+        down by the channel mean), any rate (resampled as files are), float or integer (scaled by the type's
+        range). The same samples give the same embedding as the file they came from."""
+        return self.embed_files([Audio(wav, sample_rate, "<signal>")])[0]
 
     # ----------------------------------------------------------------------------------------- pairs
 
-    def verify(self, a: str | Path, b: str | Path, *, threshold: str | float = "eer") -> Verification:
+    def verify(self, a: AudioInput, b: AudioInput, *, threshold: str | float = "eer") -> Verification:
         name, value = self.threshold(threshold)
         emb = self.embed_files([a, b])
         score = float(self.scores(emb[:1], emb[1:])[0, 0])
         return Verification(score, value, name, score >= value, self.score_norm)
 
-    def compare(self, probe: str | Path, references: Sequence[str | Path]) -> np.ndarray:
+    def compare(self, probe: AudioInput, references: Sequence[AudioInput]) -> np.ndarray:
         """Score of ``probe`` against each reference, in order (e.g. a voice-converted file against its source and
         its target speaker); the bundle's scoring (see :attr:`score_norm`)."""
         if not references:
@@ -285,18 +379,18 @@ class Recognizer:
 
     # ----------------------------------------------------------------------------------------- registry
 
-    def enroll(self, registry: Registry, speaker: str, paths: Sequence[str | Path], *,
+    def enroll(self, registry: Registry, speaker: str, paths: Sequence[AudioInput], *,
                progress: bool = False) -> EnrollResult:
         """Embed ``paths`` and store them under ``speaker`` in one transaction (all or nothing)."""
         from voiceprint.registry import check_speaker_name
 
         speaker = check_speaker_name(speaker)   # before the expensive part
-        paths = list(paths)
+        paths = [as_audio(p, i) for i, p in enumerate(paths)]
         embeddings = self.embed_files(paths, progress=progress)
-        sources = [(str(Path(p).resolve()), file_sha256(p)) for p in paths]
+        sources = [source_of(p) for p in paths]
         return registry.enroll(speaker, embeddings, model_sha256=self.model_sha256, sources=sources)
 
-    def identify(self, registry: Registry, path: str | Path, *, top: int = 1,
+    def identify(self, registry: Registry, path: AudioInput, *, top: int = 1,
                  threshold: str | float = "eer") -> Identification:
         """Open-set identification: the enrolled speaker whose mean enrolment embedding scores highest, or
         ``"unknown"`` when even that score is below the threshold. ``candidates`` holds the best ``top``. With AS-norm
@@ -314,3 +408,32 @@ class Recognizer:
         best = scores[0]
         return Identification(best.speaker if best.score >= value else UNKNOWN, best.score, value, name,
                               scores[:top], self.score_norm)
+
+    # ----------------------------------------------------------------------------------------- LLRs
+
+    def llr(self, scores) -> np.ndarray:
+        """Scores as log-likelihood ratios (the bundle's llr_calibration.json; NoLlrCalibrationError without)."""
+        return self.bundle.llr(scores)
+
+    def verify_at_prior(self, a: str | Path, b: str | Path, *, prior: float) -> Verification:
+        """:meth:`verify` with the Bayes decision at ``prior`` (the share of same-speaker pairs expected):
+        same speaker iff the LLR >= -log(prior / (1 - prior)); ``threshold`` is the score where that happens."""
+        import dataclasses
+
+        name, value = self.bundle.prior_threshold(prior)
+        result = self.verify(a, b)      # at the EER threshold (a bundle with an LLR calibration has one) ...
+        # ... then decided again at the prior: score >= value is llr >= -logit(prior), the scale being positive
+        llr = float(self.llr(result.score))
+        return dataclasses.replace(result, threshold=value, threshold_name=name, same_speaker=result.score >= value,
+                                   llr=llr, prior=float(prior))
+
+    def identify_at_prior(self, registry: Registry, path: str | Path, *, prior: float,
+                          top: int = 1) -> Identification:
+        """:meth:`identify` with the Bayes decision at ``prior`` for the best speaker (see :meth:`verify_at_prior`)."""
+        import dataclasses
+
+        name, value = self.bundle.prior_threshold(prior)
+        result = self.identify(registry, path, top=top)     # then decided again at the prior, as verify_at_prior
+        best = result.candidates[0]
+        return dataclasses.replace(result, speaker=best.speaker if best.score >= value else UNKNOWN, threshold=value,
+                                   threshold_name=name, llr=float(self.llr(best.score)), prior=float(prior))

@@ -13,8 +13,10 @@ No TensorFlow here: this runs inside multiprocessing workers.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,11 +28,14 @@ from voiceprint.errors import VoiceprintError
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioError",
+    "Audio",
     "ChunkedAudio",
     "FULL_SCALE",
     "REASONS",
     "decode",
     "load_audio",
+    "load_bytes",
+    "load_signal",
     "open_audio",
 ]
 
@@ -42,6 +47,7 @@ REASONS = {
     "non_finite": "contains NaN or Inf samples",
     "silent": "is digital silence (all samples are zero)",
     "too_short": "is too short",
+    "too_long": "is longer than allowed",
     "not_audio": "is not an audio file this build decodes",
     "permission_denied": "cannot be read (permission denied)",
     "clipped": "is clipped (too many samples at full scale)",
@@ -177,8 +183,13 @@ def decode(
         data = fh.read(dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:
         raise AudioError(path, "unreadable", f"{type(exc).__name__}: {exc}") from exc
-    sr = fh.samplerate
+    return _prepare(data, fh.samplerate, path, sample_rate, min_seconds, max_clipped_fraction)
 
+
+def _prepare(data: np.ndarray, sr: int, path, sample_rate: int, min_seconds: float,
+             max_clipped_fraction: float | None) -> np.ndarray:
+    """Decoded float32 (samples, channels) at ``sr`` -> checked mono at ``sample_rate``: the one intake rule for
+    files, encoded bytes and arrays alike."""
     if data.shape[0] == 0:
         raise AudioError(path, "empty")
     if not np.isfinite(data).all():
@@ -197,6 +208,93 @@ def decode(
 
     _check_duration(path, y.shape[0], sample_rate, min_seconds)
     return y
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Audio already in memory, for the places that otherwise take a file path.
+
+    ``samples``: either decoded samples, a numpy array of shape ``(samples,)`` (mono) or ``(samples, channels)``
+    (the layout ``soundfile.read`` returns), with ``sample_rate`` in Hz; or the encoded content of an audio file
+    (``bytes``: WAV, FLAC, Ogg, MP3, ... whatever :data:`AUDIO_EXTENSIONS` lists), with ``sample_rate=None`` (the
+    header says it). ``name`` is what errors call it (default ``<array>`` or ``<bytes>``).
+    See :func:`load_signal` and :func:`load_bytes` for how each is turned into the model's input.
+    """
+
+    samples: object
+    sample_rate: int | None = None
+    name: str | None = None
+
+    def load(self, sample_rate: int = 16000, min_seconds: float = 0.0, *,
+             max_clipped_fraction: float | None = None) -> np.ndarray:
+        """Float32 mono at ``sample_rate``, checked as files are (:func:`load_audio`)."""
+        if isinstance(self.samples, (bytes, bytearray, memoryview)):
+            if self.sample_rate is not None:
+                raise AudioError(self.name or "<bytes>", "unreadable",
+                                 "encoded bytes carry their own sample rate: give sample_rate=None")
+            return load_bytes(self.samples, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction,
+                              name=self.name or "<bytes>")
+        return load_signal(self.samples, self.sample_rate, sample_rate, min_seconds,
+                           max_clipped_fraction=max_clipped_fraction, name=self.name or "<array>")
+
+
+# libsndfile's limit; a 2-D array with more "channels" than this (or than samples) is almost surely
+# (channels, samples): refused rather than averaged over the wrong axis.
+MAX_CHANNELS = 1024
+
+
+def _as_float_frames(samples, name) -> np.ndarray:
+    """``(samples,)`` or ``(samples, channels)`` numbers -> float32 (samples, channels), integers scaled to [-1, 1)
+    by their type's range as soundfile reads integer PCM (int16 / 32768, int32 / 2**31, uint8 (x - 128) / 128)."""
+    data = np.asarray(samples)
+    if data.dtype.kind not in "iuf":
+        raise AudioError(name, "unreadable", f"expected an array of integer or float samples, got dtype "
+                                             f"{data.dtype}")
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.ndim != 2 or (data.shape[0] and not 1 <= data.shape[1] <= min(MAX_CHANNELS, data.shape[0])):
+        raise AudioError(name, "unreadable", f"array of shape {np.shape(samples)}: expected (samples,) or "
+                                             "(samples, channels) like soundfile.read (transpose a (channels, "
+                                             "samples) array)")
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False)
+    bits = 8 * data.dtype.itemsize
+    offset = 2 ** (bits - 1) if data.dtype.kind == "u" else 0
+    # Powers of two: the scaling is exact, so int16 input matches a 16-bit file's decode bit for bit.
+    out = data.astype(np.float32) if not offset else (data.astype(np.float64) - offset).astype(np.float32)
+    out *= np.float32(2.0 ** -(bits - 1))
+    return out
+
+
+def load_signal(samples, sr, sample_rate: int = 16000, min_seconds: float = 0.0, *,
+                max_clipped_fraction: float | None = None, name: str = "<array>") -> np.ndarray:
+    """:func:`load_audio` for samples already in memory at ``sr`` Hz (any rate: resampled as files are).
+
+    ``samples``: ``(samples,)`` mono or ``(samples, channels)`` (soundfile's layout), mixed to mono by the mean
+    over channels like a multi-channel file; float values as they are (a file's float samples), integers scaled by
+    their type's range (int16 / 32768 ...). The same samples as a file therefore give the same signal, and the
+    same checks apply with the same reasons (``empty``, ``non_finite``, ``silent``, ``clipped``, ``too_short``);
+    a wrong shape, a non-numeric dtype or a bad ``sr`` is ``unreadable``. ``name`` is what errors call it.
+    """
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
+        raise AudioError(name, "unreadable", f"sample rate must be a whole number of Hz > 0, got {sr!r}")
+    return _prepare(_as_float_frames(samples, name), int(sr), name, sample_rate, min_seconds, max_clipped_fraction)
+
+
+def load_bytes(data, sample_rate: int = 16000, min_seconds: float = 0.0, *,
+               max_clipped_fraction: float | None = None, name: str = "<bytes>") -> np.ndarray:
+    """:func:`load_audio` for the encoded content of an audio file (e.g. an upload). Reasons as for files:
+    ``empty`` (no bytes), ``unreadable`` when ``name`` ends in an audio extension, else ``not_audio``, ..."""
+    data = bytes(data)
+    if not data:
+        raise AudioError(name, "empty", "zero bytes")
+    try:
+        fh = sf.SoundFile(io.BytesIO(data))
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as exc:
+        reason = "unreadable" if Path(name).suffix.lower() in AUDIO_EXTENSIONS else "not_audio"
+        raise AudioError(name, reason, f"{type(exc).__name__}: {exc}") from exc
+    with fh:
+        return decode(fh, name, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction)
 
 
 class ChunkedAudio:

@@ -4,13 +4,22 @@ Layout of a bundle directory (default ``models/voiceprint/``, written by the ``e
 
     model.keras        features (batch, frames, bands, 1) float32 -> L2-normalised embedding (batch, D)
     cohort.npy         (AS-norm bundles only) (speakers, D) float32: the score-normalisation cohort
-    calibration.json   {"system", "model_sha256", "embedding_dim",
+    stats_lda.npz      (bundles with an MFCC-statistics branch only) its LDA projection and weight
+                       (``voiceprint.stats_lda``); D is then the model's output plus the LDA dimension
+    thresholds.json    {"system", "model_sha256", "embedding_dim",
                         "features":   {"kind", "sample_rate", "num_bands", "min_seconds", "window_frames",
                                        "hop_frames"[, "vad"]},
                         "thresholds": {"eer", "low_far", "low_far_rate"},
                         "evaluation": {"eer", "min_dcf", "target_trials", "nontarget_trials", ...},
                         ["score_norm": "as_norm", "cohort_top_n", "cohort_sha256",]
+                        ["stats_lda_sha256",]
                         "versions":   {...}}
+    llr_calibration.json  (optional) score -> log-likelihood ratio: {"kind", "scale", "offset", "fit_prior",
+                        "score_norm", "model_sha256", "fit": {trial counts and held-out numbers}}
+                        (``voiceprint.calibration``): ``llr = scale * score + offset``
+
+``thresholds.json`` was called ``calibration.json`` before the bundle had a real (LLR) calibration; a bundle with
+the old name (e.g. the shipped one) loads as before.
 
 ``thresholds.eer`` is the score where false alarms and misses balance on the evaluation trials;
 ``thresholds.low_far`` the one whose false-alarm rate is ``low_far_rate``. The score is the cosine, or, in a bundle
@@ -18,6 +27,10 @@ with ``score_norm: as_norm``, the cosine normalised by AS-norm against ``cohort.
 no longer bounded to [-1, 1]). A bundle without ``score_norm`` (every bundle before it existed) scores by cosine.
 The sha256s tie the calibration to the exact model and cohort bytes, so a swapped file cannot silently reuse
 thresholds measured with another one.
+
+``llr_calibration.json`` maps the same score to an LLR, so a decision can be made at any prior of a target
+(accept iff ``llr >= -log(p / (1 - p))``) instead of at a fixed threshold; ``model_sha256`` and ``score_norm``
+tie it to the model and the scoring it was fitted on.
 
 A bare ``.keras`` file also loads (:func:`load_bundle`), without thresholds: scores then need an explicit number.
 """
@@ -37,8 +50,11 @@ from voiceprint.errors import VoiceprintError
 from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
 
 MODEL_FILE = "model.keras"
-CALIBRATION_FILE = "calibration.json"
+THRESHOLDS_FILE = "thresholds.json"
+LEGACY_THRESHOLDS_FILE = "calibration.json"     # the name before llr_calibration.json; still read
+LLR_CALIBRATION_FILE = "llr_calibration.json"
 COHORT_FILE = "cohort.npy"
+STATS_LDA_FILE = "stats_lda.npz"
 THRESHOLD_NAMES = ("eer", "low_far")
 # A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
 DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
@@ -46,11 +62,15 @@ DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 1600
 
 
 class BundleError(VoiceprintError, ValueError):
-    """A bundle that cannot be used (bad calibration.json, swapped model file, wrong shapes); names the file."""
+    """A bundle that cannot be used (bad thresholds.json, swapped model file, wrong shapes); names the file."""
 
 
 class ModelNotFoundError(VoiceprintError, FileNotFoundError):
     """No model at the given path."""
+
+
+class NoLlrCalibrationError(BundleError):
+    """An LLR or a decision at a prior was asked of a bundle without ``llr_calibration.json``."""
 
 
 class ThresholdError(VoiceprintError, ValueError):
@@ -94,6 +114,16 @@ class Bundle:
     score_norm: str = "none"
     cohort: np.ndarray | None = field(default=None, repr=False)
     cohort_top_n: int | None = None
+    llr_calibration: Any = None     # voiceprint.calibration.LlrCalibration, or None (no llr_calibration.json)
+    stats_lda: Any = field(default=None, repr=False)   # voiceprint.stats_lda.StatsLda, or None
+
+    @property
+    def scoring_sha256(self) -> str:
+        """What embeddings depend on: the model's sha256, combined with the statistics branch's when there is one
+        (the registry keys enrolments by it, so a bundle with another projection never reuses them)."""
+        if self.stats_lda is None:
+            return self.model_sha256
+        return hashlib.sha256(f"{self.model_sha256}:{self.stats_lda.sha256()}".encode()).hexdigest()
 
     def threshold(self, which: str | float) -> tuple[str, float]:
         """``(label, value)`` for a threshold name (``eer``, ``low_far``) or a number (also as a string).
@@ -117,6 +147,30 @@ class Bundle:
         if self.score_norm == "none" and not -1.0 <= value <= 1.0:
             raise ThresholdError(f"threshold {which!r}: a cosine score must lie in [-1, 1]")
         return "explicit", value
+
+    def llr(self, scores) -> np.ndarray:
+        """Scores mapped to log-likelihood ratios by ``llr_calibration.json``; NoLlrCalibrationError without one."""
+        if self.llr_calibration is None:
+            raise NoLlrCalibrationError(
+                f"model {self.path} has no LLR calibration ({LLR_CALIBRATION_FILE}): LLRs and decisions at a prior "
+                "need a bundle written by the evaluate stage since it fits one (dvc repro evaluate)")
+        return self.llr_calibration.llr(scores)
+
+    def prior_threshold(self, prior) -> tuple[str, float]:
+        """``("prior <p>", score)``: the score at which the LLR reaches the Bayes threshold ``-logit(prior)``, so
+        "score >= it" is the Bayes decision at that prior of a target. ThresholdError for a prior outside (0, 1),
+        NoLlrCalibrationError without an LLR calibration."""
+        from voiceprint.calibration import bayes_threshold
+
+        try:
+            value = float(prior)
+        except (TypeError, ValueError):
+            raise ThresholdError(f"prior {prior!r}: expected a probability in (0, 1)") from None
+        if not 0.0 < value < 1.0:
+            raise ThresholdError(f"prior {prior!r}: expected a probability in (0, 1) (the share of target trials)")
+        self.llr(0.0)       # NoLlrCalibrationError without one
+        cal = self.llr_calibration
+        return f"prior {value:g}", (bayes_threshold(value) - cal.offset) / cal.scale
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -261,10 +315,13 @@ def file_sha256(path: str | Path) -> str:
 
 def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thresholds: dict,
                 evaluation: dict, score_norm: str = "none", cohort: np.ndarray | None = None,
-                cohort_top_n: int | None = None) -> Path:
-    """Write ``out_dir`` (model.keras + calibration.json, + cohort.npy for ``score_norm="as_norm"``) atomically:
-    the directory is replaced as a whole, so it never holds a model with another model's calibration. Same weights
-    and arguments -> same bytes; with ``score_norm="none"`` the same bytes as before score normalisation existed."""
+                cohort_top_n: int | None = None, llr_calibration=None, llr_fit: dict | None = None,
+                stats_lda=None) -> Path:
+    """Write ``out_dir`` (model.keras + thresholds.json, + cohort.npy for ``score_norm="as_norm"``, +
+    llr_calibration.json for an ``llr_calibration`` (``voiceprint.calibration.LlrCalibration``, with ``llr_fit``:
+    numbers about the trials it was fitted on), + stats_lda.npz for a ``stats_lda`` (``voiceprint.stats_lda``))
+    atomically: the directory is replaced as a whole, so it never holds a model with another model's calibration.
+    Same weights and arguments -> same bytes."""
     out_dir = Path(out_dir)
     source = f"save_bundle({out_dir})"
     score_norm = parse_score_norm(score_norm, source)
@@ -275,6 +332,8 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
     bands, dim = _model_io(model, source)
     if bands != feats.num_bands:
         raise _fail(source, "features.num_bands", f"{feats.num_bands}, but the model takes {bands} bands")
+    if stats_lda is not None:
+        dim += stats_lda.output_dim
     if score_norm == "none" and (cohort is not None or cohort_top_n is not None):
         raise _fail(source, "score_norm", "none, but a cohort was given (use score_norm='as_norm')")
     if score_norm == "as_norm":
@@ -290,8 +349,41 @@ def save_bundle(out_dir: str | Path, model, *, system: str, features: dict, thre
                 np.save(fh, np.ascontiguousarray(cohort, dtype="<f4"), allow_pickle=False)
             calibration.update(score_norm=score_norm, cohort_top_n=cohort_top_n,
                                cohort_sha256=file_sha256(tmp / COHORT_FILE))
-        (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+        if stats_lda is not None:
+            stats_lda.save(tmp / STATS_LDA_FILE)
+            calibration["stats_lda_sha256"] = file_sha256(tmp / STATS_LDA_FILE)
+        (tmp / THRESHOLDS_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+        if llr_calibration is not None:
+            _write_llr_calibration(tmp / LLR_CALIBRATION_FILE, llr_calibration, llr_fit or {},
+                                   score_norm=score_norm, model_sha256=calibration["model_sha256"])
     return out_dir
+
+
+def _write_llr_calibration(file: Path, llr_calibration, fit: dict, *, score_norm: str, model_sha256: str) -> None:
+    data = {**llr_calibration.to_dict(), "score_norm": score_norm, "model_sha256": model_sha256,
+            "fit": to_builtin(dict(fit))}
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _load_llr_calibration(file: Path, *, score_norm: str, model_sha256: str):
+    """The bundle's LlrCalibration, checked to belong to its model and scoring (BundleError naming the file)."""
+    from voiceprint.calibration import parse_calibration
+    from voiceprint.errors import DataError
+
+    source = str(file)
+    try:
+        data = _mapping(json.loads(file.read_text()), source, "(top level)")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{source}: not valid JSON: {exc}") from None
+    if data.get("model_sha256") != model_sha256:
+        raise _fail(source, "model_sha256", "differs from the bundle's model: the LLR calibration was fitted on "
+                    "another model's scores; rebuild the bundle (dvc repro evaluate)")
+    if data.get("score_norm") != score_norm:
+        raise _fail(source, "score_norm", f"{data.get('score_norm')!r}, but the bundle scores with {score_norm!r}")
+    try:
+        return parse_calibration({k: data.get(k) for k in ("kind", "scale", "offset", "fit_prior")}, source)
+    except DataError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _load_keras(path: Path):
@@ -313,14 +405,16 @@ def require_model(path: str | Path) -> Path:
 
 
 def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
-    """Load a bundle directory (checked against its calibration.json) or a bare ``.keras`` file.
+    """Load a bundle directory (checked against its thresholds.json, or calibration.json in an older bundle, and
+    its llr_calibration.json when there is one) or a bare ``.keras`` file.
 
     ``features`` overrides :data:`DEFAULT_FEATURES` for a bare file only (a bundle fixes its own features).
 
     Raises:
         ModelNotFoundError: nothing at ``path``.
-        BundleError: invalid calibration.json (names the file and key), a model file whose sha256 differs from
-            the calibration's, a model that cannot be loaded or whose shapes disagree with the calibration.
+        BundleError: invalid thresholds.json or llr_calibration.json (names the file and key), a model file
+            whose sha256 differs from the thresholds file's, a model that cannot be loaded or whose shapes
+            disagree with it.
     """
     path = require_model(path)
     if path.is_file():
@@ -335,7 +429,9 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
     if features is not None:
         raise BundleError(f"{path}: a bundle fixes its own features; overrides apply to bare .keras files only")
 
-    calibration_file, model_file = path / CALIBRATION_FILE, path / MODEL_FILE
+    calibration_file, model_file = path / THRESHOLDS_FILE, path / MODEL_FILE
+    if not calibration_file.is_file() and (path / LEGACY_THRESHOLDS_FILE).is_file():
+        calibration_file = path / LEGACY_THRESHOLDS_FILE       # a bundle written before the rename
     for needed in (calibration_file, model_file):
         if not needed.is_file():
             raise BundleError(f"{path}: not a voiceprint bundle ({needed.name} missing)")
@@ -346,7 +442,7 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
         raise BundleError(f"{source}: not valid JSON: {exc}") from None
     data = _mapping(data, source, "(top level)")
     _keys(data, source, "", ("system", "model_sha256", "embedding_dim", "features", "thresholds", "evaluation"),
-          ("versions", "score_norm", "cohort_top_n", "cohort_sha256"))
+          ("versions", "score_norm", "cohort_top_n", "cohort_sha256", "stats_lda_sha256"))
     system = _text(data["system"], source, "system")
     expected_sha = _sha256(data["model_sha256"], source, "model_sha256")
     dim = _int(data["embedding_dim"], source, "embedding_dim", 1)
@@ -376,13 +472,31 @@ def load_bundle(path: str | Path, *, features: dict | None = None) -> Bundle:
         extra = sorted({"cohort_top_n", "cohort_sha256"} & set(data))
         if extra:
             raise _fail(source, extra[0], "given, but score_norm is none")
+    stats_lda = None
+    if "stats_lda_sha256" in data:
+        from voiceprint.stats_lda import StatsLdaError, load_stats_lda
+
+        stats_file = path / STATS_LDA_FILE
+        if not stats_file.is_file():
+            raise BundleError(f"{path}: {STATS_LDA_FILE} missing, but {calibration_file.name} has stats_lda_sha256")
+        _check_file(stats_file, _sha256(data["stats_lda_sha256"], source, "stats_lda_sha256"), "stats_lda_sha256",
+                    calibration_file)
+        try:
+            stats_lda = load_stats_lda(stats_file)
+        except StatsLdaError as exc:
+            raise BundleError(str(exc)) from None
     model = _load_keras(model_file)
     bands, model_dim = _model_io(model, str(model_file))
+    if stats_lda is not None:
+        model_dim += stats_lda.output_dim
     if (bands, model_dim) != (feats.num_bands, dim):
         raise BundleError(f"{model_file}: the model maps {bands} bands to {model_dim}-d embeddings, but "
                           f"{calibration_file.name} says {feats.num_bands} bands and embedding_dim {dim}")
+    llr_file = path / LLR_CALIBRATION_FILE
+    llr = (_load_llr_calibration(llr_file, score_norm=score_norm, model_sha256=expected_sha)
+           if llr_file.is_file() else None)
     return Bundle(path, model, system, expected_sha, dim, feats, thresholds, evaluation, versions, score_norm,
-                  cohort, top_n)
+                  cohort, top_n, llr, stats_lda)
 
 
 def _sha256(value, source: str, key: str) -> str:

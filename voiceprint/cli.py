@@ -1,4 +1,5 @@
-"""The ``voiceprint`` console command: embed, verify, compare, enroll, identify, speakers, cluster.
+"""The ``voiceprint`` console command: embed, verify, compare, enroll, identify, speakers, cluster, score (a trial
+list), serve (an HTTP service), export (model formats) and preset (params presets as dvc flags).
 
 Human-readable output by default, one JSON document on stdout with ``--json`` (for other programs, which can drive
 this command by subprocess from any Python environment). Errors: one line on stderr (and, with ``--json``, an
@@ -7,9 +8,11 @@ this command by subprocess from any Python environment). Errors: one line on std
     0  success                      3  model missing or invalid      5  registry error (missing or empty registry,
     1  unexpected error (I/O ...)   4  bad audio (missing, unreadable,  unknown speaker, another model's embeddings,
     2  usage (bad arguments,           silent, too short ...)           bad speaker name)
-       threshold, no audio files)
+       threshold, no audio files,
+       bad trial list)
 
-Output files are written atomically: on any error nothing is left half-written.
+Output files are written atomically: on any error nothing is left half-written. ``--json`` and ``--quiet`` go
+before or after the command; ``voiceprint --print-completion bash|zsh`` prints a shell completion script.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ def _recognizer(args):
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model = require_model(checked_model_path(args.model))   # fail fast, before the slow TensorFlow import
+    _say_which_model(args, model)
     _import_tensorflow_quietly()
     from voiceprint.runtime import configure_tensorflow
 
@@ -67,6 +71,17 @@ def _recognizer(args):
         print(f"voiceprint: using the model shipped with the package ({rec.shipped['name']}: "
               f"{rec.shipped['trained_on']}); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
     return rec
+
+
+def _say_which_model(args, model) -> None:
+    """A model picked by default from the working directory is named (the shipped one is named by _recognizer):
+    the same command run elsewhere would use another model."""
+    from voiceprint.api import DEFAULT_MODEL, MODEL_ENV_VAR
+
+    if args.model is None and not os.environ.get(MODEL_ENV_VAR) and Path(model) == DEFAULT_MODEL \
+            and not getattr(args, "quiet", False):
+        print(f"voiceprint: using the model at {Path(model).absolute()} (./{DEFAULT_MODEL} in the current "
+              "directory); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
 
 
 def _progress(args) -> bool:
@@ -131,7 +146,7 @@ def cmd_embed(args) -> int:
 
     suffix = _output_suffix(args.output, (".npy", ".csv"))
     if suffix is None and not args.json:
-        raise InputError("embed: give -o OUT.npy or -o OUT.csv (or --json to print the embeddings)")
+        raise InputError("give -o OUT.npy or -o OUT.csv (or --json to print the embeddings)")
     skipped = []
     paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
@@ -161,15 +176,20 @@ def cmd_embed(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_prior_or_threshold(args)
     rec = _recognizer(args)
-    result = rec.verify(args.a, args.b, threshold=args.threshold or "eer")
+    if args.prior is not None:
+        result = rec.verify_at_prior(args.a, args.b, prior=args.prior)
+    else:
+        result = rec.verify(args.a, args.b, threshold=args.threshold or "eer")
     verdict = "same speaker" if result.same_speaker else "different speakers"
     relation = ">=" if result.same_speaker else "<"
+    llr = _llr_fields(rec, result)
     return _emit(args, {**_model_info(rec), "a": args.a, "b": args.b, "score": result.score,
                         "threshold": result.threshold, "threshold_name": result.threshold_name,
-                        "same_speaker": result.same_speaker},
+                        "same_speaker": result.same_speaker, **llr},
                  f"{verdict}: score {result.score:.4f} {relation} threshold {result.threshold:.4f} "
-                 f"({_threshold_label(result.threshold_name, rec)})")
+                 f"({_threshold_label(result.threshold_name, rec)})" + _llr_text(llr))
 
 
 def cmd_compare(args) -> int:
@@ -215,9 +235,13 @@ def cmd_enroll(args) -> int:
 
 
 def cmd_identify(args) -> int:
+    _check_prior_or_threshold(args)
     rec = _recognizer(args)
     with _registry(args, create=False) as reg:
-        result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
+        if args.prior is not None:
+            result = rec.identify_at_prior(reg, args.file, top=args.top, prior=args.prior)
+        else:
+            result = rec.identify(reg, args.file, top=args.top, threshold=args.threshold or "eer")
     best = result.candidates[0]
     label = _threshold_label(result.threshold_name, rec)
     if result.known:
@@ -225,13 +249,15 @@ def cmd_identify(args) -> int:
     else:
         human = [f"unknown: best {best.speaker} scores {best.score:.4f} < threshold {result.threshold:.4f} "
                  f"({label})"]
+    llr = _llr_fields(rec, result)
+    human[0] += _llr_text(llr)
     if args.top > 1:
         human += [f"  {c.score:8.4f}  {c.speaker} ({c.enrollments} enrolment(s))" for c in result.candidates]
     return _emit(args, {**_model_info(rec), "file": args.file, "speaker": result.speaker, "known": result.known,
                         "score": result.score, "threshold": result.threshold,
                         "threshold_name": result.threshold_name,
                         "candidates": [{"speaker": c.speaker, "score": c.score, "enrollments": c.enrollments}
-                                       for c in result.candidates]},
+                                       for c in result.candidates], **llr},
                  "\n".join(human))
 
 
@@ -266,7 +292,7 @@ def cmd_cluster(args) -> int:
 
     _output_suffix(args.output, (".csv",))
     if args.speakers is not None and args.threshold is not None:
-        raise InputError("cluster: give --speakers or --threshold, not both")
+        raise InputError("give --speakers or --threshold, not both")
     skipped = []
     paths = audio_files(args.inputs, skipped=skipped)
     rec = _recognizer(args)
@@ -286,6 +312,118 @@ def cmd_cluster(args) -> int:
     return _emit(args, payload, human)
 
 
+def cmd_serve(args) -> int:
+    from voiceprint.serve import Limits, check_binding, create_app, serve
+
+    import importlib.util
+
+    from voiceprint.api import InputError
+
+    check_binding(args.host, args.token)    # before loading the model
+    if args.workers < 1 or args.max_body_mb <= 0 or args.max_seconds <= 0:
+        raise InputError("--workers, --max-body-mb and --max-seconds must be > 0")
+    if importlib.util.find_spec("aiohttp") is None:
+        raise InputError("serve needs the aiohttp package: pip install aiohttp")
+    rec = _recognizer(args)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_audio_seconds=args.max_seconds,
+                    workers=args.workers)
+    app = create_app(rec, registry=args.registry, token=args.token, limits=limits)
+
+    def ready(port):
+        url = f"http://{args.host}:{port}"
+        _emit(args, {**_model_info(rec), "url": url, "registry": str(app["service"].registry_path)},
+              f"voiceprint serve: listening on {url} (model {rec.bundle.path}); Ctrl-C stops")
+        sys.stdout.flush()
+
+    try:
+        serve(app, args.host, args.port, on_ready=ready)
+    except KeyboardInterrupt:   # the way to stop a server: not an error
+        pass
+    return EXIT_OK
+
+
+def cmd_preset(args) -> int:
+    import shlex
+
+    from voiceprint.params import preset_assignments
+
+    assignments = preset_assignments(args.preset, args.base)
+    flags = " ".join(f"-S {shlex.quote(a)}" for a in assignments)
+    return _emit(args, {"preset": args.preset, "base": args.base, "assignments": assignments, "flags": flags},
+                 flags)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from voiceprint.export import main as export_main
+
+    return export_main(argv, prog="voiceprint export")
+
+
+# Commands whose arguments another module's parser reads as they are (its own --help).
+PASSTHROUGH = {"export": cmd_export}
+def _check_prior_or_threshold(args) -> None:
+    from voiceprint.api import InputError
+
+    if args.prior is not None and args.threshold is not None:
+        raise InputError("give --threshold or --prior, not both")
+
+
+def _llr_fields(rec, result) -> dict:
+    """``llr`` (and ``prior`` when the decision was made at one) for a bundle with an LLR calibration."""
+    if result.llr is not None:
+        return {"llr": result.llr, "prior": result.prior}
+    if rec.bundle.llr_calibration is None:
+        return {}
+    return {"llr": float(rec.llr(result.score))}
+
+
+def _llr_text(llr: dict) -> str:
+    if not llr:
+        return ""
+    if llr.get("prior") is None:
+        return f"; LLR {llr['llr']:+.3f}"
+    from voiceprint.calibration import bayes_threshold
+
+    bayes = bayes_threshold(llr["prior"])
+    return f"; LLR {llr['llr']:+.3f} {'>=' if llr['llr'] >= bayes else '<'} {bayes:.3f} (the Bayes threshold)"
+
+
+def cmd_score(args) -> int:
+    from voiceprint.api import InputError
+    from voiceprint.outputs import atomic_path
+    from voiceprint.trials import read_trials, score_trial_list
+
+    if not 0.0 < args.prior < 1.0:
+        raise InputError(f"score: --prior {args.prior}: expected a probability in (0, 1)")
+    if args.out:
+        _check_not_directory(args.out)
+    read_trials(args.trials)        # a malformed list or a wrong folder fails before the slow model load
+    if not Path(args.audio_root).is_dir():
+        raise InputError(f"score: --audio-root {args.audio_root}: not a folder")
+    rec = _recognizer(args)
+    result = score_trial_list(rec, args.trials, args.audio_root, p_target=args.prior, progress=_progress(args))
+    s = result.summary
+    missing = list(result.resolved.missing_entries.itertuples(index=False))
+    payload = {**_model_info(rec), "trials": str(args.trials), "audio_root": str(args.audio_root), **s,
+               "missing": [{"entry": e, "reason": r} for e, r in missing]}
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            result.table.to_csv(tmp, sep="\t", index=False, lineterminator="\n", na_rep="")
+        payload["output"] = str(args.out)
+    what = "calibrated LLRs" if s["calibrated"] else "raw scores taken as LLRs (the bundle has no LLR calibration)"
+    human = [f"{s['scored_trials']} of {s['listed_trials']} trials scored ({s['target_trials']} target, "
+             f"{s['nontarget_trials']} non-target); {s['missing_trials']} not scored: {s['missing_entries']} "
+             "entries missing or unusable",
+             f"EER {100 * s['eer']:.2f}%  minDCF {s['min_dcf']:.3f}  actDCF {s['act_dcf']:.3f}  "
+             f"Cllr {s['cllr']:.3f}  minCllr {s['min_cllr']:.3f}  (prior {args.prior:g}; Cllr/actDCF of {what})"]
+    human += [f"  not scored: {e} ({r})" for e, r in missing[:10]]
+    if s["missing_entries"] > 10:
+        human.append(f"  ... and {s['missing_entries'] - 10} more" + (f" (all in {args.out})" if args.out else ""))
+    if args.out:
+        human.append(f"scores of every listed trial written to {args.out}")
+    return _emit(args, payload, "\n".join(human))
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 class _Parser(argparse.ArgumentParser):
@@ -298,15 +436,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+PRIOR_HELP = ("decide at this prior of a same-speaker pair (e.g. 0.01) from the LLR of the bundle's "
+              "llr_calibration.json, instead of at a threshold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import voiceprint
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common = _global_flags(argparse.ArgumentParser(add_help=False), default=argparse.SUPPRESS)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", help="bundle directory or .keras file "
-                                       "(default: $VOICEPRINT_MODEL, else models/voiceprint)")
+    model.add_argument("--model", help="bundle directory or .keras file (default: $VOICEPRINT_MODEL, else "
+                                       "models/voiceprint in the working directory, else the shipped model)")
     model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
     threshold = argparse.ArgumentParser(add_help=False)
     threshold.add_argument("--threshold", help="eer (default), low_far, or a score: a cosine in [-1, 1], or an "
@@ -319,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "voiceprint model bundle. Exit codes: 0 ok, 1 unexpected error, 2 usage, "
                                      "3 model, 4 bad audio, 5 registry.")
     parser.add_argument("--version", action="version", version=f"voiceprint {voiceprint.__version__}")
+    _global_flags(parser, default=False)
+    _completion_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("embed", parents=[common, model], help="embeddings of audio files")
@@ -330,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common, model, threshold], help="are two recordings the same speaker?")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
+    p.add_argument("--prior", type=float, metavar="P", help=PRIOR_HELP)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("compare", parents=[common, model, threshold],
@@ -346,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("identify", parents=[common, model, threshold, registry],
                        help="which enrolled speaker is this (or unknown)?")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--top", type=int, default=1, metavar="K", help="also list the K best speakers")
+    p.add_argument("--top", type=_positive_int, default=1, metavar="K", help="also list the K best speakers")
+    p.add_argument("--prior", type=float, metavar="P", help=PRIOR_HELP)
     p.set_defaults(handler=cmd_identify)
 
     p = sub.add_parser("speakers", help="list or remove enrolled speakers")
@@ -363,31 +507,130 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speakers", type=int, metavar="N", help="exactly N groups (instead of the threshold)")
     p.add_argument("-o", "--output", help="write the CSV here instead of stdout")
     p.set_defaults(handler=cmd_cluster)
+
+    from voiceprint.serve import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV_VAR, Limits
+
+    p = sub.add_parser("serve", parents=[common, model, registry],
+                       help="HTTP JSON service: embed, verify, compare, identify, enroll, speakers, health")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s; any other needs a "
+                                                        "token)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default %(default)s; 0 = any free port")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV_VAR) or None,
+                   help=f"require 'Authorization: Bearer TOKEN' (default ${TOKEN_ENV_VAR})")
+    p.add_argument("--workers", type=int, default=Limits.workers, help="threads running the model "
+                                                                       "(default %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20,
+                   help="largest request body in MiB (default %(default)g)")
+    p.add_argument("--max-seconds", type=float, default=Limits.max_audio_seconds,
+                   help="longest recording in seconds (default %(default)g)")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("export", add_help=False, help="convert a trained .keras model (savedmodel, tflite, onnx, "
+                                                      "original_h5); voiceprint export --help")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="as python -m voiceprint.export")
+
+    p = sub.add_parser("preset", parents=[common], help="a params preset as -S flags for dvc exp run")
+    p.add_argument("preset", metavar="PRESET.yaml", help="a partial params.yaml (every key must exist in --base)")
+    p.add_argument("--base", default="params.yaml", help="the full params file (default %(default)s)")
+    p.set_defaults(handler=cmd_preset)
+    p = sub.add_parser("score", parents=[common, model],
+                       help="score a trial list (Kaldi or VoxCeleb format): EER, minDCF, Cllr, actDCF")
+    p.add_argument("--trials", required=True, metavar="FILE", help="'<enroll> <test> target|nontarget' (Kaldi) or "
+                                                                   "'1|0 <enroll> <test>' (VoxCeleb) lines")
+    p.add_argument("--audio-root", required=True, metavar="DIR", help="folder the list's audio paths are under")
+    p.add_argument("--out", metavar="SCORES.tsv", help="write every listed trial with its score (and LLR) here")
+    p.add_argument("--prior", type=float, default=0.01, metavar="P",
+                   help="prior of a target trial for minDCF and actDCF (default 0.01)")
+    p.set_defaults(handler=cmd_score)
     return parser
+
+
+GLOBAL_FLAGS = ("--json", "-q", "--quiet", "-v", "--verbose")
+
+
+def _global_flags(parser, *, default):
+    # On the main parser (default False) and on each command (default SUPPRESS, so a command's parser does not
+    # reset a flag given before the command name): `voiceprint --json verify` = `voiceprint verify --json`.
+    parser.add_argument("--json", action="store_true", default=default, help="print one JSON document on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bar, notices or info messages on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages on stderr")
+    return parser
+
+
+def _completion_flag(parser) -> None:
+    try:
+        import shtab
+    except ImportError:     # an install without shtab: say what is missing instead of an unknown flag
+        parser.add_argument("--print-completion", choices=["bash", "zsh", "tcsh"],
+                            action=_NoShtab, help="print a shell completion script (needs shtab)")
+        return
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script "
+                                                               "(e.g. voiceprint --print-completion bash "
+                                                               "> ~/.local/share/bash-completion/completions/"
+                                                               "voiceprint)")
+
+
+class _NoShtab(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--print-completion needs the shtab package: pip install shtab")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def _error_kinds():
     from voiceprint.api import InputError
     from voiceprint.audio import AudioError
     from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
+    from voiceprint.params import ParamsError
+    from voiceprint.errors import DataError
     from voiceprint.registry import RegistryError
 
     # Order matters: AudioError, InputError and the bundle errors are ValueErrors; the first match wins.
     return [(AudioError, "bad_audio", EXIT_AUDIO), (ModelNotFoundError, "model", EXIT_MODEL),
             (BundleError, "model", EXIT_MODEL), (RegistryError, "registry", EXIT_REGISTRY),
             (ThresholdError, "usage", EXIT_USAGE), (InputError, "usage", EXIT_USAGE),
+            (ParamsError, "usage", EXIT_USAGE),
+            (DataError, "usage", EXIT_USAGE),     # a bad trial list, or one with nothing to score
             (OSError, "io", EXIT_ERROR)]
 
 
+def _command_position(argv: list[str]) -> int | None:
+    """Index of the command name: the first argument that is not a global flag."""
+    for i, arg in enumerate(argv):
+        if arg not in GLOBAL_FLAGS:
+            return i if not arg.startswith("-") else None
+    return None
+
+
 def main(argv=None) -> int:
-    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
+    at = _command_position(argv)
+    if at is not None and argv[at] in PASSTHROUGH:
+        return PASSTHROUGH[argv[at]](argv[at + 1:])
     args = build_parser().parse_args(argv)
+    from voiceprint import log
+
+    try:
+        log.configure(log.level_for(getattr(args, "verbose", False), getattr(args, "quiet", False)))
+    except ValueError as exc:
+        build_parser().error(str(exc))
     kinds = _error_kinds()
     try:
         return args.handler(args)
     except tuple(cls for cls, _, _ in kinds) as exc:
         kind, code = next((k, c) for cls, k, c in kinds if isinstance(exc, cls))
-        message = str(exc)
+        # API messages start with the operation's name ("compare: ..."); the line already says which command.
+        message = str(exc).removeprefix(f"{args.command}: ")
         print(f"voiceprint {args.command}: error: {message}", file=sys.stderr)
         if args.json:
             print(json.dumps({"error": {"kind": kind, "message": message, "exit_code": code}}))

@@ -8,7 +8,7 @@ features params does not load Keras. The augment section's two contracts live be
 (voiceprint.augment.AugmentSettings and MaskSettings).
 
 A stage reads its contracts with ``Contract.read(load_params())`` and passes them to the package, e.g.
-``train_head(base, store, split, HeadSettings.read(params))``; each stage's ``settings(params)`` reads all it
+``train_head(base, store, split, HeadSettings.read(params))``; each stage's ``read_settings(params)`` reads all it
 uses, so a test can compare what it reads with its ``params:`` in dvc.yaml.
 """
 from __future__ import annotations

@@ -14,12 +14,14 @@ TensorFlow op: MultiWorkerMirroredStrategy configures the runtime and fails once
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from voiceprint.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "mirrored", "multi_worker")
 TASK_TYPES = ("chief", "worker")        # the roles MultiWorkerMirroredStrategy knows (no parameter servers)
@@ -116,8 +118,8 @@ def resolve_precision(mixed_precision: bool, *, gpus: int, flags: set[str] | Non
     flags = cpu_flags() if flags is None else flags
     if flags & set(BF16_CPU_FLAGS):
         return "mixed_bfloat16"
-    print("train.mixed_precision: true is ignored: no GPU and no CPU bfloat16 support here, training runs in "
-          "float32", file=sys.stderr)
+    logger.warning("train.mixed_precision: true is ignored: no GPU and no CPU bfloat16 support here, training runs "
+                   "in float32")
     return "float32"
 
 
@@ -139,5 +141,5 @@ def make_distribution(strategy: str, *, mixed_precision: bool = False) -> Distri
         distribution = Distribution(tf.distribute.MultiWorkerMirroredStrategy(), strategy, precision,
                                     is_chief=is_chief(cluster, task_type, index))
     # Results depend on the precision actually used (mixed_precision resolves per machine): say it in the log.
-    print(f"training: strategy {strategy}, {distribution.replicas} replica(s), {precision}")
+    logger.info("training: strategy %s, %d replica(s), %s", strategy, distribution.replicas, precision)
     return distribution

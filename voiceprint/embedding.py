@@ -1,18 +1,30 @@
 """Embedding utterances with a trained model: whole utterances, or the mean over sliding windows."""
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from tqdm import tqdm
 
 from voiceprint.store import FeatureStore
 
 
+# model -> {num_bands: traced function}: a new tf.function per call would trace the model again every call
+# (~1-2 s even for a tiny model), which a long-lived process (voiceprint serve) pays on every request.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _compiled(model, num_bands: int):
     import tensorflow as tf
 
-    # One trace for every utterance length (a Keras predict would retrace per new length).
-    spec = tf.TensorSpec([None, None, num_bands, 1], tf.float32)
-    return tf.function(lambda x: model(x, training=False), input_signature=[spec], reduce_retracing=True)
+    per_model = _COMPILED.setdefault(model, {})
+    if num_bands not in per_model:
+        # One trace for every utterance length (a Keras predict would retrace per new length).
+        spec = tf.TensorSpec([None, None, num_bands, 1], tf.float32)
+        ref = weakref.ref(model)    # the cache entry must not keep its own key alive
+        per_model[num_bands] = tf.function(lambda x: ref()(x, training=False), input_signature=[spec],
+                                           reduce_retracing=True)
+    return per_model[num_bands]
 
 
 def windows(features: np.ndarray, window: int, hop: int) -> np.ndarray:

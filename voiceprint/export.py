@@ -304,23 +304,35 @@ def load_onnx_embedder(path: str | Path, *, num_threads: int | None = None) -> E
 
 
 FORMATS = ("savedmodel", "tflite", "onnx", "original_h5")
+PCM_FORMATS = ("pcm-onnx", "pcm-tflite")   # raw PCM in, features in the graph: voiceprint.pcm_export
 
 
-def main(argv=None) -> int:
-    """``python -m voiceprint.export MODEL.keras --format tflite -o OUT``: convert a trained model."""
+def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
+    """``voiceprint export MODEL.keras --format tflite -o OUT`` (or ``python -m voiceprint.export ...``): convert a
+    trained model."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m voiceprint.export", description=main.__doc__)
-    parser.add_argument("model", help="a .keras file written by the pipeline (loaded in Keras safe mode)")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="original_h5 = the original Deep Speaker save_weights layout")
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("model", help="a .keras file written by the pipeline (loaded in Keras safe mode); for "
+                                      "pcm-* also a bundle directory, whose features the graph computes")
+    parser.add_argument("--format", required=True, choices=FORMATS + PCM_FORMATS,
+                        help="original_h5 = the original Deep Speaker save_weights layout; pcm-onnx / pcm-tflite "
+                             "= 16 kHz PCM in, embedding out (docs/pcm-model.md)")
     parser.add_argument("-o", "--output", required=True, help="output file (directory for savedmodel)")
     args = parser.parse_args(argv)
     from voiceprint.runtime import configure_tensorflow, load_model
 
     configure_tensorflow(0)
     try:
+        if args.format in PCM_FORMATS:
+            from voiceprint import pcm_export
+            from voiceprint.bundle import load_bundle
+
+            bundle = load_bundle(args.model)   # a bare .keras file gets the default features (params.yaml)
+            write = pcm_export.export_pcm_onnx if args.format == "pcm-onnx" else pcm_export.export_pcm_tflite
+            print(f"wrote {write(bundle.model, bundle.features, args.output)}")
+            return 0
         model = load_model(args.model)
         if args.format == "original_h5":
             from voiceprint.checkpoint import export_original_weights

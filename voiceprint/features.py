@@ -45,6 +45,7 @@ import numba
 import numpy as np
 import scipy.fft
 
+from voiceprint import portable_math as pm
 from voiceprint.audio import AudioError, ChunkedAudio, decode, open_audio
 from voiceprint.errors import WorkerDiedError
 
@@ -245,7 +246,7 @@ class _BlockEnergy:
         if self._rest.size:
             parts.append(self._mean_square(self._rest.reshape(1, -1)))
         energy = np.concatenate(parts) if parts else np.zeros(0)
-        return 10.0 * np.log10(energy + 1e-10)  # 1e-10: digital silence at -100 dB, not -inf
+        return 10.0 * pm.log10(energy + 1e-10)  # 1e-10: digital silence at -100 dB, not -inf
 
 
 def _energy_segments(energy_db: np.ndarray, n_samples: int, sample_rate: int) -> list[tuple[int, int]]:
@@ -330,11 +331,11 @@ def _fft_plan(nfft: int) -> tuple[np.ndarray, ...]:
     twiddles, offsets, size = [np.zeros(0, complex)], [0], 1
     for radix in radices:
         j, t = np.meshgrid(np.arange(size), np.arange(radix), indexing="ij")
-        twiddles.append(np.exp(-2j * np.pi * (j * t) / (size * radix)).ravel())
+        twiddles.append(pm.expi(-2.0 * np.pi * (j * t) / (size * radix)).ravel())  # portable: CPU-independent
         offsets.append(offsets[-1] + j.size)
         size *= radix
     plan = (np.array(radices, np.int64), np.array(offsets, np.int64), np.concatenate(twiddles),
-            np.exp(-2j * np.pi * np.arange(half + 1) / nfft))
+            pm.expi(-2.0 * np.pi * np.arange(half + 1) / nfft))
     for array in plan:
         array.setflags(write=False)
     return plan
@@ -380,8 +381,9 @@ def _radix4(x0, x1, x2, x3, y0, y1, y2, y3, w1, w2, w3):
         y3[b] = complex(d02.real - d13.imag, d02.imag + d13.real)  # d02 + i d13
 
 
-_COS1, _COS2 = np.cos(2 * np.pi / 5), np.cos(4 * np.pi / 5)
-_SIN1, _SIN2 = np.sin(2 * np.pi / 5), np.sin(4 * np.pi / 5)
+# portable_math, not numpy: numpy's float64 sin/cos differ in the last bit between CPUs (docs/reproducibility.md)
+_COS1, _COS2 = float(pm.cos(2 * np.pi / 5)), float(pm.cos(4 * np.pi / 5))
+_SIN1, _SIN2 = float(pm.sin(2 * np.pi / 5)), float(pm.sin(4 * np.pi / 5))
 
 
 @numba.njit(cache=True)
@@ -659,19 +661,45 @@ def _fbank_of_frames(sig: np.ndarray, start: int, count: int, sample_rate: int, 
 
 @functools.lru_cache(maxsize=16)
 def _librosa_mel(sample_rate: int, n_fft: int, n_mels: int, fmin: float):
-    """Sparse (see _sparse_bands) float32 Slaney mel filters (librosa defaults, fmax sr/2); cached."""
-    import librosa  # heavy import, only where needed
-
-    mel = librosa.filters.mel(
-        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=sample_rate / 2, dtype=np.float32
-    )
+    """Sparse (see _sparse_bands) float32 Slaney mel filters: ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft,
+    n_mels=n_mels, fmin=fmin, fmax=sample_rate / 2, dtype=np.float32)``, computed as librosa does but with
+    portable_math's log and exp, so the weights are the same on every CPU; cached."""
+    mel = _slaney_mel(sample_rate, n_fft, n_mels, fmin, sample_rate / 2)
     return _sparse_bands(mel.T)
+
+
+_SLANEY_HZ_PER_MEL = 200.0 / 3  # linear below 1 kHz ...
+_SLANEY_LOG_HZ = 1000.0
+_SLANEY_LOG_STEP = float(pm.log(6.4)) / 27.0  # ... logarithmic above
+
+
+def _slaney_mel(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """librosa.filters.mel (Slaney scale and norm), float32 (n_mels, 1 + n_fft // 2), step by step as librosa 0.11."""
+    def hz_to_mel(hz):
+        mels = hz / _SLANEY_HZ_PER_MEL
+        if hz >= _SLANEY_LOG_HZ:
+            mels = _SLANEY_LOG_HZ / _SLANEY_HZ_PER_MEL + float(pm.log(hz / _SLANEY_LOG_HZ)) / _SLANEY_LOG_STEP
+        return mels
+
+    mels = np.linspace(hz_to_mel(float(fmin)), hz_to_mel(float(fmax)), n_mels + 2)
+    mel_f = _SLANEY_HZ_PER_MEL * mels
+    log_mel = _SLANEY_LOG_HZ / _SLANEY_HZ_PER_MEL
+    log_region = mels >= log_mel
+    mel_f[log_region] = _SLANEY_LOG_HZ * pm.exp(_SLANEY_LOG_STEP * (mels[log_region] - log_mel))
+    fftfreqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    weights = np.zeros((n_mels, 1 + n_fft // 2), np.float32)
+    for i in range(n_mels):
+        weights[i] = np.maximum(0, np.minimum(-ramps[i] / fdiff[i], ramps[i + 2] / fdiff[i + 1]))
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, np.newaxis]
+    return weights
 
 
 @functools.lru_cache(maxsize=4)
 def _hann(n: int) -> np.ndarray:
     # Periodic Hann, float64: scipy.signal.get_window('hann', n), librosa's stft window.
-    w = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+    w = 0.5 - 0.5 * pm.cos(2.0 * np.pi * np.arange(n) / n)
     w.setflags(write=False)
     return w
 
@@ -697,7 +725,7 @@ def _logmel_of_frames(sig: np.ndarray, start: int, count: int, sample_rate: int,
     energies = _band_energies(sig, start, count, frame_step, _hann(frame_len), NFFT,
                               _librosa_mel(sample_rate, NFFT, num_bands, 20.0))
     energies += 1e-6
-    return np.log(energies, out=energies).astype(np.float32)
+    return pm.log(energies).astype(np.float32)  # portable: numpy's log differs in the last bit between CPUs
 
 
 # ---------------------------------------------------------------------------
@@ -763,7 +791,7 @@ def mfcc_stats(signal: np.ndarray, sample_rate: int = 16000, n_mfcc: int = 20) -
     # librosa's centred frames: frame t starts at t hop - n_fft/2, zeros beyond both ends
     db = _mfcc_db_of_frames(y, -(MFCC_N_FFT // 2), 1 + y.shape[0] // MFCC_HOP, sample_rate)
     np.maximum(db, db.max() - MFCC_TOP_DB, out=db)
-    mfcc = db @ _dct_ortho(MFCC_BANDS, n_mfcc)
+    mfcc = _dct_rows(db, _dct_ortho(MFCC_BANDS, n_mfcc))
     return np.concatenate([mfcc.mean(axis=0), mfcc.std(axis=0)]).astype(np.float32)
 
 
@@ -773,9 +801,18 @@ def _mfcc_db_of_frames(y: np.ndarray, start: int, count: int, sample_rate: int) 
     mel = _band_energies(y, start, count, MFCC_HOP, _hann(MFCC_N_FFT), MFCC_N_FFT,
                          _librosa_mel(sample_rate, MFCC_N_FFT, MFCC_BANDS, 0.0))
     np.maximum(mel, 1e-10, out=mel)
-    np.log10(mel, out=mel)
+    mel = pm.log10(mel)
     mel *= 10.0
     return mel
+
+
+def _dct_rows(db: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """db @ matrix, summed over the inner index in a fixed order: BLAS picks its kernel (and so its summation
+    order) by CPU, which changes the last bit of the product from machine to machine."""
+    out = np.zeros((db.shape[0], matrix.shape[1]))
+    for k in range(matrix.shape[0]):
+        out += db[:, k, None] * matrix[k]
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -969,7 +1006,7 @@ def _chunked_features(chunks: Iterable[np.ndarray], segments, kind: str, sample_
         if cut is not None:
             buf, rows = cut
             db = np.maximum(_mfcc_db_of_frames(buf, 0, rows, sample_rate), floor_db)
-            stats.add(db @ _dct_ortho(MFCC_BANDS, 20))
+            stats.add(_dct_rows(db, _dct_ortho(MFCC_BANDS, 20)))
 
     for piece in _select(chunks, segments):
         mfcc_add(cutter.push(piece))
@@ -1046,6 +1083,12 @@ def featurize_file(
             y = decode(fh, path, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction)
     if chunked:
         return _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds)
+    speech = _speech(y, path, sample_rate, vad)
+    return fn(speech, sample_rate=sample_rate), mfcc_stats(speech, sample_rate)
+
+
+def _speech(y: np.ndarray, path, sample_rate: int, vad: str) -> np.ndarray:
+    """The VAD's output, refused (AudioError naming ``path``) when no speech or too little is left."""
     try:
         speech = apply_vad(y, vad, sample_rate)
     except NoSpeechError as exc:
@@ -1054,7 +1097,20 @@ def featurize_file(
     n = num_frames(speech.shape[0], frame_len, frame_step)
     if speech.shape[0] <= frame_len or n < MIN_FRAMES:
         raise _too_short(path, speech.shape[0], vad, frame_len)
-    return fn(speech, sample_rate=sample_rate), mfcc_stats(speech, sample_rate)
+    return speech
+
+
+def featurize_signal(y: np.ndarray, kind: str, sample_rate: int = 16000, *, vad: str = "original",
+                     name: str = "<array>", with_stats: bool = False):
+    """Features of a signal already loaded and checked (:func:`voiceprint.audio.load_signal` / ``load_bytes``):
+    the model-input half of :func:`featurize_file` (VAD, then ``kind``), with the same errors naming ``name``.
+    ``with_stats``: ``(features, mfcc_stats)`` as :func:`featurize_file` returns (the statistics cost a second
+    pass, so only callers that use them ask)."""
+    fn = _check_kind(kind)
+    _check_vad(vad)
+    speech = _speech(y, name, sample_rate, vad)
+    features = fn(speech, sample_rate=sample_rate)
+    return (features, mfcc_stats(speech, sample_rate)) if with_stats else features
 
 
 def _warm_up(kind: str, sample_rate: int) -> None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
 import posixpath
 import shutil
 import ssl
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,6 +33,8 @@ from tqdm import tqdm
 import voiceprint
 from voiceprint.errors import VoiceprintError
 from voiceprint.outputs import write_text
+
+logger = logging.getLogger(__name__)
 
 DOWNLOADS_ENV = "VOICEPRINT_DOWNLOADS"
 DEFAULT_DOWNLOADS = Path("data/downloads")
@@ -167,8 +169,8 @@ def download(url: str, dest: str | Path, *, md5: str, size_hint: int | None = No
                 raise FetchError(f"{url}: giving up after {retries + 1} attempts without progress; last error: "
                                  f"{exc}{kept}") from None
             delay = min(max_backoff, backoff * 2 ** max(0, failures - 1))
-            print(f"  {dest.name}: {exc}; retrying in {delay:.1f} s "
-                  f"({failures} of {retries} retries without progress used)", file=sys.stderr)
+            logger.warning("%s: %s; retrying in %.1f s (%d of %d retries without progress used)", dest.name, exc,
+                           delay, failures, retries)
             time.sleep(delay)
     actual = md5_of(part)
     if actual != md5:

@@ -78,7 +78,7 @@ def write_csv(path: str | Path, frame) -> None:
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of what produced a result, stored beside every metrics file (strings, under one key)."""
+    """Versions of what produced a result, written beside every metrics file (``versions_path``)."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version(), "voiceprint": voiceprint.__version__}
@@ -112,11 +112,20 @@ def to_builtin(value):
     return value
 
 
+def versions_path(metrics_path: str | Path) -> Path:
+    """Where the software versions behind a metrics file go: ``metrics/<name>.json`` -> ``versions/<name>.json``
+    (a folder beside ``metrics/``, not declared as metrics: strings would be columns in ``dvc exp show``);
+    a metrics file elsewhere gets a ``<stem>.versions.json`` sibling."""
+    path = Path(metrics_path)
+    if path.parent.name == "metrics":
+        return path.parent.parent / "versions" / path.name
+    return path.with_name(f"{path.stem}.versions.json")
+
+
 def write_metrics(path: str | Path, metrics: dict) -> None:
-    """Small JSON for git: the numbers, plus the software versions that produced them under ``versions``."""
-    payload = dict(to_builtin(metrics))
-    payload["versions"] = software_versions()
-    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Small JSON for git, numbers only; the software versions that produced them go to ``versions_path(path)``."""
+    write_text(path, json.dumps(to_builtin(metrics), indent=2, sort_keys=True) + "\n")
+    write_text(versions_path(path), json.dumps(software_versions(), indent=2, sort_keys=True) + "\n")
 
 
 def _renumber_shared_ids(config, ids=None):

@@ -83,6 +83,85 @@ def det_curve(systems: Mapping[str, tuple[Sequence[float], Sequence[int]]], path
     return _save(fig, path)
 
 
+# --- DET points for `dvc plots` (plots/det/*.csv and the vega-lite template .dvc/plots/det.json) ---
+
+DET_TEMPLATE = Path(".dvc/plots/det.json")
+
+
+def det_table(scores: Sequence[float], labels: Sequence[int]):
+    """The downsampled DET points (``threshold, fpr, fnr, tpr``, voiceprint.metrics.det_points) plus their normal
+    deviates ``fpr_deviate, fnr_deviate``: the coordinates of a DET plot, so ``dvc plots`` draws a real DET curve
+    (straight lines for Gaussian scores) with any template, and with the ``det`` template labelled in percent."""
+    from voiceprint.metrics import det_points
+
+    labels = np.asarray(labels)
+    return with_deviates(det_points(scores, labels), targets=int(np.count_nonzero(labels == 1)),
+                         nontargets=int(np.count_nonzero(labels == 0)))
+
+
+def with_deviates(points, *, targets: int, nontargets: int):
+    """``points`` (fpr, fnr columns) with ``fpr_deviate, fnr_deviate`` = probit of the rates. A rate of 0 or 1 has
+    no normal deviate: it is drawn at the finest rate the larger class can show (as det_curve does)."""
+    from scipy.stats import norm
+
+    if min(targets, nontargets) < 1:
+        raise ValueError(f"DET points need target and non-target trials, got {targets} and {nontargets}")
+    floor = 1.0 / max(targets, nontargets)
+    table = points.copy()
+    for rate in ("fpr", "fnr"):
+        table[f"{rate}_deviate"] = norm.ppf(np.clip(table[rate].to_numpy(dtype=np.float64), floor, 1 - floor))
+    return table
+
+
+def _tick_label_expression(ticks) -> str:
+    """A vega expression naming each tick value (a normal deviate) by its rate in percent."""
+    from scipy.stats import norm
+
+    expression = "''"
+    for tick in reversed(ticks):
+        expression = f"abs(datum.value - {norm.ppf(tick):.6f}) < 1e-4 ? '{_percent(tick)}' : {expression}"
+    return expression
+
+
+def det_vega_template() -> dict:
+    """The vega-lite template (``.dvc/plots/det.json``, ``template: det`` in dvc.yaml) for the deviate columns of
+    plots/det/*.csv: normal-deviate axes ticked and labelled in percent like det_curve's, the EER diagonal, one
+    line per system and revision (``dvc plots diff`` overlays experiments), rates above 95% cut off."""
+    from scipy.stats import norm
+
+    ticks = [t for t in DET_TICKS if t <= DET_MAX_RATE]
+    values = [round(float(norm.ppf(t)), 6) for t in ticks]
+    top = round(float(norm.ppf(DET_MAX_RATE)), 6)
+
+    def axis(title_anchor: str, field_anchor: str) -> dict:
+        return {"field": field_anchor, "type": "quantitative", "title": title_anchor,
+                "scale": {"zero": False, "domainMax": top, "nice": False},
+                "axis": {"values": values, "labelExpr": _tick_label_expression(ticks), "grid": True,
+                         "labelOverlap": True}}
+
+    x = axis("false-alarm rate (normal deviate scale)", "<DVC_METRIC_X>")
+    y = axis("miss rate (normal deviate scale)", "<DVC_METRIC_Y>")
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "data": {"values": "<DVC_METRIC_DATA>"},
+        "title": {"text": "<DVC_METRIC_TITLE>", "anchor": "middle"},
+        "width": 400, "height": 400,
+        "layer": [
+            {"mark": {"type": "line", "clip": True, "tooltip": {"content": "data"}},
+             "encoding": {"x": x, "y": y, "color": "<DVC_METRIC_COLOR>", "strokeDash": "<DVC_METRIC_STROKE_DASH>",
+                          "tooltip": "<DVC_METRIC_TOOLTIP>"}},
+            # The EER diagonal, from the lowest deviate drawn (so it does not widen the axes) to the 95% corner.
+            {"mark": {"type": "rule", "color": "#bbbbbb", "strokeWidth": 0.8},
+             "transform": [{"aggregate": [{"op": "min", "field": "<DVC_METRIC_X>", "as": "lo_x"},
+                                          {"op": "min", "field": "<DVC_METRIC_Y>", "as": "lo_y"}]},
+                           {"calculate": "min(datum.lo_x, datum.lo_y)", "as": "lo"},
+                           {"calculate": str(top), "as": "hi"}],
+             "encoding": {"x": {"field": "lo", "type": "quantitative"}, "y": {"field": "lo", "type": "quantitative"},
+                          "x2": {"field": "hi"}, "y2": {"field": "hi"}}},
+        ],
+    }
+
+
 def score_histograms(scores: Sequence[float], labels: Sequence[int], path: str | Path, *,
                      title: str = "scores", threshold: float | None = None,
                      threshold_label: str = "threshold") -> Path:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from voiceprint.bundle import BundleError, file_sha256
+from voiceprint.bundle import LEGACY_THRESHOLDS_FILE, THRESHOLDS_FILE, BundleError, file_sha256
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "real-speech"
 MANIFEST = "pretrained.json"
@@ -61,8 +61,10 @@ def package(bundle: str | Path, eval_json: str | Path, out: str | Path, *, name:
     cross-corpus evaluation of the deployed system (from ``eval_json``) and every file's sha256."""
     bundle, out = Path(bundle), Path(out)
     report = json.loads(Path(eval_json).read_text())
-    calibration = json.loads((bundle / "calibration.json").read_text())
-    deployed = report["deployed"] + ("_asnorm" if calibration.get("score_norm") == "as_norm" else "")
+    calibration = json.loads(next(f for f in (bundle / THRESHOLDS_FILE, bundle / LEGACY_THRESHOLDS_FILE)
+                                  if f.is_file()).read_text())
+    # the served system (e.g. fused_mfcc_lda), and its AS-normalised scores when the bundle normalises
+    deployed = calibration["system"] + ("_asnorm" if calibration.get("score_norm") == "as_norm" else "")
     keys = ("eer", "eer_ci95_low", "eer_ci95_high", "min_dcf", "target_trials", "nontarget_trials")
     evaluation = {"in_domain": {k: report[deployed][k] for k in keys if k in report[deployed]},
                   "in_domain_mfcc_baseline": report["mfcc_baseline"]["eer"]}

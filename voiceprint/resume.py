@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from typing import Iterable
 import numpy as np
 
 from voiceprint.errors import DataError, MissingFileError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_ROOT = Path("models/checkpoints")
@@ -110,7 +113,7 @@ class Checkpoint:
 
     def load(self, shapes: list[tuple]) -> Snapshot | None:
         """The saved state if it was made with this fingerprint and fits variables of ``shapes``; else None,
-        having printed why the run starts over."""
+        having logged why the run starts over."""
         if not self.path.is_file():
             return None
         try:
@@ -124,11 +127,11 @@ class Checkpoint:
         saved = [tuple(s) for s in meta["shapes"]]
         if saved != [tuple(s) for s in shapes]:
             return self._start_over(f"its {len(saved)} variables do not fit the model's {len(shapes)}")
-        print(f"resuming from {self.path}: {meta['epoch']} epoch(s) done", flush=True)
+        logger.info("resuming from %s: %d epoch(s) done", self.path, meta["epoch"])
         return Snapshot(meta["epoch"], meta["history"], arrays)
 
     def _start_over(self, why: str) -> None:
-        print(f"not resuming from {self.path}: {why}; training starts over", flush=True)
+        logger.warning("not resuming from %s: %s; training starts over", self.path, why)
         return None
 
     def save(self, snapshot: Snapshot) -> None:

@@ -8,6 +8,7 @@ resume" below.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from dataclasses import dataclass
 
@@ -21,11 +22,13 @@ from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
 from voiceprint.errors import DataError
+from voiceprint.live import EpochLog
 from voiceprint.losses import get_loss, is_classification, output_layer
 from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
 from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
 from voiceprint.store import FeatureStore
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Trained:
@@ -41,7 +44,7 @@ def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
 
 def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSettings, *,
                   crop_transform=None, init_checkpoint=None, distribution: Distribution | None = None,
-                  checkpoint: Checkpoint | None = None, verbose: int = 2) -> Trained:
+                  checkpoint: Checkpoint | None = None, live_dir=None, verbose: int = 2) -> Trained:
     """Classification over the training speakers; validation = held-out utterances of the same speakers.
 
     ``settings`` (the softmax section; its ``init_checkpoint`` is not read here, see below):
@@ -52,7 +55,8 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSet
 
     ``init_checkpoint``: an original-format Deep Speaker ``.h5`` to start from (its classifier is skipped when
     the speaker count differs). ``distribution``: strategy and precision (default: one device, float32);
-    ``batch_size`` is the global batch. ``checkpoint``: saved after every epoch and resumed from (resume.py)."""
+    ``batch_size`` is the global batch. ``checkpoint``: saved after every epoch and resumed from (resume.py).
+    ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py); None: not logged."""
     s = settings
     filters, blocks, embedding_dim, frames, epochs = s.filters, s.blocks, s.embedding_dim, s.frames, s.epochs
     batch_size, lr, dropout, seed, loss = s.batch_size, s.lr, s.dropout, s.seed, s.loss
@@ -64,7 +68,7 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSet
                                          num_bands=store.num_bands, num_classes=num_classes, dropout=dropout,
                                          classifier=output_layer(loss, num_classes, name="dense"))
     if init_checkpoint is not None:
-        print(import_original_weights(classifier, init_checkpoint).summary())
+        logger.info("%s", import_original_weights(classifier, init_checkpoint).summary())
     trainer = _training_copy(classifier, distribution)
     train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed,
                                   transform=crop_transform)
@@ -74,13 +78,13 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSet
     val = (ClassificationBatches(store, val_pos, val_lab, batch_size=batch_size, frames=frames, seed=seed,
                                  shuffle=False) if len(val_pos) else None)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
-                   verbose=verbose)
+                   live_dir=live_dir, verbose=verbose)
     _copy_weights(trainer, classifier)
     return Trained(embedding, history)
 
 
 def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: TripletSettings, *,
-                  distribution: Distribution | None = None, checkpoint: Checkpoint | None = None,
+                  distribution: Distribution | None = None, checkpoint: Checkpoint | None = None, live_dir=None,
                   verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
     Validation loss: P x K batches of the held-out utterances of training speakers, the same every epoch.
@@ -91,6 +95,8 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
     alpha, epochs, steps_per_epoch, lr, seed = settings.alpha, settings.epochs, settings.steps_per_epoch, \
         settings.lr, settings.seed
     if epochs == 0:
+        if live_dir is not None:
+            EpochLog(live_dir).close()      # an empty log: the stage's declared outputs exist
         return Trained(model, pd.DataFrame(columns=["epoch", "loss", "val_loss"]))
     distribution = distribution or local()
     train_pos, train_lab = _roles(store, split, "train")
@@ -108,7 +114,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
         val = SpeakerBatches(store, val_pos, val_lab, steps=max(1, steps_per_epoch // 5), seed=seed + 1,
                              shuffle=False, **batches)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
-                   verbose=verbose)
+                   live_dir=live_dir, verbose=verbose)
     _copy_weights(trainer, model)
     return Trained(model, history)
 
@@ -251,13 +257,15 @@ def _at_counter(batches, counter: int):
 
 
 class _EpochEnds(keras.callbacks.Callback):
-    """Per epoch: points the validation batches at it, records the history row and saves the checkpoint (every
-    worker reads the variables, a collective step under multi-worker training; only the chief writes)."""
+    """Per epoch: points the validation batches at it, records the history row, saves the checkpoint (every
+    worker reads the variables, a collective step under multi-worker training; only the chief writes) and then
+    logs the row to the live log (live.py relies on that order to repair a kill between the two)."""
 
     def __init__(self, validation: _ValidationOf | None, history: list[dict], checkpoint: Checkpoint | None,
-                 state: list):
+                 state: list, live: EpochLog | None = None):
         super().__init__()
         self.validation, self.history, self.checkpoint, self.state = validation, history, checkpoint, state
+        self.live = live
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.validation is not None:
@@ -267,6 +275,8 @@ class _EpochEnds(keras.callbacks.Callback):
         self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
         if self.checkpoint is not None:
             self.checkpoint.save(Snapshot(epoch + 1, list(self.history), [v.value.numpy() for v in self.state]))
+        if self.live is not None:
+            self.live.log_epoch(self.history[-1])
 
 
 def _prepare_for_strategy(trainer: keras.Model, batch, distribution: Distribution) -> None:
@@ -305,8 +315,9 @@ def _check_same_start(distribution: Distribution, epochs_done: int) -> None:
 
 
 def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distribution,
-         checkpoint: Checkpoint | None, verbose: int) -> pd.DataFrame:
-    """``trainer.fit`` over the batch sequences; with a checkpoint, resumed from it and saved every epoch.
+         checkpoint: Checkpoint | None, verbose: int, live_dir=None) -> pd.DataFrame:
+    """``trainer.fit`` over the batch sequences; with a checkpoint, resumed from it and saved every epoch;
+    with ``live_dir``, every epoch logged there (only by the chief), a resumed run continuing the log.
     Returns the per-epoch history (restored epochs included)."""
     history, state = [], []
     if checkpoint is not None:
@@ -321,6 +332,7 @@ def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distrib
             history = list(snapshot.history)
         if distribution.name == "multi_worker":
             _check_same_start(distribution, len(history))
+    live = EpochLog(live_dir, history) if live_dir is not None and distribution.is_chief else None
     if len(history) < epochs:       # else: killed after the last epoch's checkpoint, before the outputs
         validation = _ValidationOf(val) if val is not None else None
         if distribution.name != "auto":
@@ -329,7 +341,9 @@ def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distrib
         trainer.fit(_EpochMajor(train, first_epoch=len(history), epochs=epochs),
                     steps_per_epoch=len(train), shuffle=False, epochs=epochs, initial_epoch=len(history),
                     validation_data=validation, verbose=verbose,
-                    callbacks=[_EpochEnds(validation, history, checkpoint, state)])
+                    callbacks=[_EpochEnds(validation, history, checkpoint, state, live)])
+    if live is not None:
+        live.close()
     return pd.DataFrame(history)
 
 
@@ -343,7 +357,7 @@ def crop_inputs(source: keras.Model, store: FeatureStore, positions, *, crops: i
 
 
 def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: HeadSettings, *,
-               verbose: int = 2) -> Trained:
+               live_dir=None, verbose: int = 2) -> Trained:
     """Train head ``settings.kind`` on the base model's tap (embedding or frame sequence) with ``settings.loss``;
     return base+head as one model (features -> L2-normalised head embedding). ``settings``: the tdnn section
     (its ``head_args`` and ``loss_args`` reach the head's builder and the loss as they are).
@@ -351,6 +365,7 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, sett
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
     the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
     the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
+    ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py).
     """
     s = settings
     kind, loss, epochs, lr, batch_size, frames, seed = s.kind, s.loss, s.epochs, s.lr, s.batch_size, s.frames, s.seed
@@ -384,7 +399,7 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, sett
             x_val = crop_inputs(source, store, val_pos, crops=1, frames=frames, seed=seed + 1)
             val = array_batches(x_val, val_lab, steps=max(1, steps // 5), seed=seed + 1, shuffle=False, **batching)
     history = fit_head(head, train, val, loss=loss, num_classes=int(train_lab.max()) + 1, lr=lr, epochs=epochs,
-                       trunk=source if train_trunk else None, trunk_lr=s.trunk_lr, verbose=verbose,
+                       trunk=source if train_trunk else None, trunk_lr=s.trunk_lr, verbose=verbose, live_dir=live_dir,
                        **s.loss_settings())
     base.trainable = False
     return Trained(attach_head(base, head, tap), history, head)
@@ -430,7 +445,8 @@ def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_siz
 
 
 def fit_head(head: keras.Model, train, val, *, loss: str, num_classes: int, lr: float, epochs: int,
-             trunk: keras.Model | None = None, trunk_lr: float = 0.0, verbose: int = 2, **loss_settings):
+             trunk: keras.Model | None = None, trunk_lr: float = 0.0, verbose: int = 2, live_dir=None,
+             **loss_settings):
     """Fit ``head`` (on ``trunk``'s output when given, trained jointly at ``trunk_lr``) through the output layer
     ``loss`` needs; returns the history table."""
     inputs = keras.Input(head.input_shape[1:] if trunk is None else trunk.input_shape[1:])
@@ -440,14 +456,15 @@ def fit_head(head: keras.Model, train, val, *, loss: str, num_classes: int, lr: 
     head_vars = [v for v in trainer.trainable_variables if not any(v is t for t in trunk_vars)]
     return fit_two_rates(trainer, get_loss(loss, **loss_settings), train, val, epochs=epochs,
                          groups=[(head_vars, lr), (trunk_vars, trunk_lr)], accuracy=is_classification(loss),
-                         verbose=verbose)
+                         verbose=verbose, live_dir=live_dir)
 
 
 def fit_two_rates(trainer: keras.Model, loss_fn, train, val, *, epochs: int, groups, accuracy: bool,
-                  verbose: int = 2) -> pd.DataFrame:
+                  verbose: int = 2, live_dir=None) -> pd.DataFrame:
     """A plain training loop with one Adam per variable group (e.g. head at ``lr``, trunk at ``trunk_lr``);
     Keras' ``fit`` has a single optimizer. ``train``/``val``: indexable batch sequences (x, y).
-    Returns the per-epoch history: loss (+ accuracy), val_loss (+ val_accuracy)."""
+    Returns the per-epoch history: loss (+ accuracy), val_loss (+ val_accuracy), each epoch logged to
+    ``live_dir`` as it ends (voiceprint/live.py) when given."""
     import tensorflow as tf
 
     groups = [(list(variables), keras.optimizers.Adam(rate)) for variables, rate in groups if variables]
@@ -489,6 +506,7 @@ def fit_two_rates(trainer: keras.Model, loss_fn, train, val, *, epochs: int, gro
         return loss_sum / count, hits / count
 
     rows = []
+    live = EpochLog(live_dir) if live_dir is not None else None
     for epoch in range(1, epochs + 1):
         row = {"epoch": epoch}
         row["loss"], acc = run(train, train_step)
@@ -499,7 +517,11 @@ def fit_two_rates(trainer: keras.Model, loss_fn, train, val, *, epochs: int, gro
             if accuracy:
                 row["val_accuracy"] = val_acc
         rows.append(row)
+        if live is not None:
+            live.log_epoch(row)
         if verbose:
-            print(f"epoch {epoch}/{epochs} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"),
-                  flush=True)
+            logger.info("epoch %d/%d %s", epoch, epochs,
+                        " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+    if live is not None:
+        live.close()
     return pd.DataFrame(rows)

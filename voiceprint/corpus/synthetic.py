@@ -56,6 +56,14 @@ Every random draw comes from a ``numpy.random.Generator`` built from
 ``SeedSequence(seed, spawn_key=...)``: one per speaker (its traits) and one per
 utterance (split into content, source-noise and channel streams), so the
 output is byte-identical for the same arguments whatever ``workers`` is.
+
+It is also byte-identical across x86-64 CPUs (AVX-512, AVX2 or neither): every
+exp/log/sin/cos/power is :mod:`voiceprint.portable_math`'s (numpy's run SIMD
+kernels that differ in the last bit from CPU to CPU), complex products are
+rounded term by term (numpy fuses them with FMA where the CPU has it), and
+nothing goes through BLAS.  What remains is code compiled once for all x86-64
+CPUs (pocketfft, scipy.ndimage, numpy's random generators and basic
+arithmetic); see docs/reproducibility.md.
 """
 
 from __future__ import annotations
@@ -69,7 +77,9 @@ import numpy as np
 import pandas as pd
 import scipy.fft as sfft
 import soundfile as sf
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import correlate1d
+
+from voiceprint import portable_math as pm
 
 __all__ = ["SAMPLE_RATE", "generate", "speaker_traits"]
 
@@ -81,7 +91,7 @@ _HOP = 128  # 8 ms control rate for all time-varying parameters (75 % overlap)
 _FREQS = np.fft.rfftfreq(_NFFT, 1.0 / SAMPLE_RATE)
 # Periodic Hann: its squares overlap-add to a constant at 75 % overlap.  The STFT
 # path runs in float32 (twice as fast; far below 16-bit resolution anyway).
-_WINDOW = np.hanning(_NFFT + 1)[:-1].astype(np.float32)
+_WINDOW = (0.5 - 0.5 * pm.cos(2.0 * np.pi * np.arange(_NFFT) / _NFFT)).astype(np.float32)
 
 # Distinct first words of the spawn keys keep the speaker and utterance streams
 # apart (SeedSequence pads short keys with zeros, so lengths alone would not).
@@ -186,9 +196,9 @@ def speaker_traits(seed: int, speaker_index: int) -> dict:
     # Vocal-tract length and f0 are correlated through body size and sex;
     # within each sex they still vary independently.
     vtl_scale = float(np.clip(rng.normal(1.10 if female else 0.90, 0.055), 0.80, 1.25))
-    f0_mean = float(np.clip(np.exp(rng.normal(math.log(200.0 if female else 115.0), 0.17)), 80.0, 260.0))
-    formant_offsets = np.exp(rng.normal(0.0, [0.05, 0.05, 0.06, 0.07, 0.07]))
-    vowel_shifts = np.exp(rng.normal(0.0, 0.07, size=(len(_VOWEL_NAMES), 2)))
+    f0_mean = float(np.clip(pm.exp(rng.normal(pm.log(200.0 if female else 115.0), 0.17)), 80.0, 260.0))
+    formant_offsets = pm.exp(rng.normal(0.0, [0.05, 0.05, 0.06, 0.07, 0.07]))
+    vowel_shifts = pm.exp(rng.normal(0.0, 0.07, size=(len(_VOWEL_NAMES), 2)))
     nasal_pole = float(rng.uniform(230.0, 320.0))
     return {
         "speaker_index": int(speaker_index),
@@ -203,7 +213,7 @@ def speaker_traits(seed: int, speaker_index: int) -> dict:
         "shimmer": float(rng.uniform(0.02, 0.08)),
         "open_quotient": float(rng.uniform(0.4, 0.7)),
         "speed_quotient": float(rng.uniform(2.0, 4.0)),
-        "source_tilt_hz": float(np.exp(rng.uniform(math.log(1500.0), math.log(6000.0)))),
+        "source_tilt_hz": float(pm.exp(rng.uniform(pm.log(1500.0), pm.log(6000.0)))),
         "breathiness": float(rng.uniform(0.02, 0.35)),
         "speaking_rate": float(rng.uniform(0.75, 1.35)),
         "nasality": float(rng.uniform(0.0, 0.6)),
@@ -213,9 +223,9 @@ def speaker_traits(seed: int, speaker_index: int) -> dict:
         # fossae (a dip at ~4-5 kHz in all voiced sounds).
         "nasal_pole_hz": nasal_pole,
         "nasal_zero_hz": nasal_pole + float(rng.uniform(250.0, 600.0)),
-        "piriform_zero_hz": float(4500.0 * vtl_scale**0.5 * np.exp(rng.normal(0.0, 0.08))),
+        "piriform_zero_hz": float(4500.0 * math.sqrt(vtl_scale) * pm.exp(rng.normal(0.0, 0.08))),
         "piriform_bandwidth_hz": float(rng.uniform(300.0, 700.0)),
-        "fricative_scale": float(np.exp(rng.normal(0.0, 0.06))),
+        "fricative_scale": float(pm.exp(rng.normal(0.0, 0.06))),
     }
 
 
@@ -248,7 +258,7 @@ def _plan_segments(rng: np.random.Generator, n_frames: int, traits: dict, rate: 
     fps = SAMPLE_RATE / _HOP  # control frames per second
 
     def dur(ms):  # durations shrink with speaking rate and vary a little per token
-        return ms / 1000.0 * fps / rate * math.exp(rng.normal(0.0, 0.15))
+        return ms / 1000.0 * fps / rate * float(pm.exp(rng.normal(0.0, 0.15)))
 
     def vowel_formants(v):
         f1, f2, f3 = _VOWELS[v]
@@ -345,11 +355,11 @@ def _glottal_source(rng, f0_s: np.ndarray, traits: dict) -> tuple[np.ndarray, np
     closing = (~opening) & (frac < oq)
     flow = np.zeros(n)
     dflow = np.zeros(n)
-    flow[opening] = 0.5 * (1.0 - np.cos(np.pi * frac[opening] / tp))
-    dflow[opening] = 0.5 * np.pi / tp * np.sin(np.pi * frac[opening] / tp)
+    flow[opening] = 0.5 * (1.0 - pm.cos(np.pi * frac[opening] / tp))
+    dflow[opening] = 0.5 * np.pi / tp * pm.sin(np.pi * frac[opening] / tp)
     x = (frac[closing] - tp) / tn
-    flow[closing] = np.cos(0.5 * np.pi * x)
-    dflow[closing] = -0.5 * np.pi / tn * np.sin(0.5 * np.pi * x)
+    flow[closing] = pm.cos(0.5 * np.pi * x)
+    dflow[closing] = -0.5 * np.pi / tn * pm.sin(0.5 * np.pi * x)
     shimmer = np.clip(1.0 + traits["shimmer"] * rng.standard_normal(n_cycles), 0.3, None)
     dflow *= shimmer[cycle]
     return dflow / (np.sqrt(np.mean(dflow**2)) + 1e-12), flow
@@ -357,7 +367,7 @@ def _glottal_source(rng, f0_s: np.ndarray, traits: dict) -> tuple[np.ndarray, np
 
 def _radius(bandwidth_hz):
     """Pole/zero radius of a resonance of the given -3 dB bandwidth."""
-    return np.exp(-np.pi * np.asarray(bandwidth_hz) / SAMPLE_RATE)
+    return pm.exp(-np.pi * np.asarray(bandwidth_hz) / SAMPLE_RATE)
 
 
 def _biquads(freqs: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -369,7 +379,7 @@ def _biquads(freqs: np.ndarray, r: np.ndarray) -> np.ndarray:
     Radius 0 gives the identity section [1, 0, 0], so scaling a radius by a
     0..1 weight fades a resonance in and out smoothly.
     """
-    coeffs = np.stack([np.ones_like(r), -2.0 * r * np.cos(2.0 * np.pi * freqs / SAMPLE_RATE), r * r], axis=-1)
+    coeffs = np.stack([np.ones_like(r), -2.0 * r * pm.cos(2.0 * np.pi * freqs / SAMPLE_RATE), r * r], axis=-1)
     return coeffs / coeffs.sum(axis=-1, keepdims=True)
 
 
@@ -392,7 +402,23 @@ def _frequency_response(zeros: np.ndarray, poles: np.ndarray) -> np.ndarray:
     """
     num = np.fft.rfft(_poly_product(zeros), n=_NFFT, axis=1)
     den = np.fft.rfft(_poly_product(poles), n=_NFFT, axis=1)
-    return (num / den).astype(np.complex64)
+    return _divide(num, den).astype(np.complex64)
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den for complex arrays, one rounded real operation at a time (numpy's complex division may
+    fuse them, depending on the CPU).  The denominators here are filter responses, far from 0 and overflow."""
+    return pm.complex_multiply(num, np.conj(den)) / (den.real * den.real + den.imag * den.imag)
+
+
+def _gaussian_filter1d(x: np.ndarray, sigma: float, mode: str = "reflect") -> np.ndarray:
+    """scipy.ndimage.gaussian_filter1d (truncated at 4 sigma), with a kernel from portable exp (scipy's
+    comes from numpy's, whose last bit depends on the CPU)."""
+    radius = int(4.0 * sigma + 0.5)
+    k = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = pm.exp(-0.5 / (sigma * sigma) * (k * k))
+    weights /= weights.sum()
+    return correlate1d(x, weights, mode=mode)
 
 
 def _stft(x: np.ndarray, n_frames: int) -> np.ndarray:
@@ -421,11 +447,11 @@ def _synthesise_speech(traits: dict, content_rng, noise_rng, n: int) -> np.ndarr
     """``n`` samples of speech (unit RMS over voiced/active regions, no silence padding)."""
     # Per-utterance state of the speaker (mood, effort, rate): real within-speaker
     # variability on top of the channel.
-    rate = traits["speaking_rate"] * math.exp(content_rng.normal(0.0, 0.06))
-    f0_mean = traits["f0_mean_hz"] * 2.0 ** (content_rng.normal(0.0, 1.5) / 12.0)
-    f0_range = traits["f0_range_semitones"] * math.exp(content_rng.normal(0.0, 0.25))
-    tilt_hz = traits["source_tilt_hz"] * 2.0 ** content_rng.normal(0.0, 0.35)
-    breathiness = traits["breathiness"] * math.exp(content_rng.normal(0.0, 0.3))
+    rate = traits["speaking_rate"] * float(pm.exp(content_rng.normal(0.0, 0.06)))
+    f0_mean = traits["f0_mean_hz"] * float(pm.exp2(content_rng.normal(0.0, 1.5) / 12.0))
+    f0_range = traits["f0_range_semitones"] * float(pm.exp(content_rng.normal(0.0, 0.25)))
+    tilt_hz = traits["source_tilt_hz"] * float(pm.exp2(content_rng.normal(0.0, 0.35)))
+    breathiness = traits["breathiness"] * float(pm.exp(content_rng.normal(0.0, 0.3)))
 
     # Frames centred on 0, HOP, ... past the end, so every sample gets full overlap-add.
     n_frames = (n - 1) // _HOP + 4
@@ -440,20 +466,20 @@ def _synthesise_speech(traits: dict, content_rng, noise_rng, n: int) -> np.ndarr
     scale = traits["vtl_scale"] * np.concatenate([offsets, np.full(3, offsets[-1])])
     formants = np.empty((n_frames, 8))
     for k, name in enumerate(("f1", "f2", "f3")):
-        formants[:, k] = np.exp(gaussian_filter1d(np.log(track[name]), sigma_f, mode="nearest"))
+        formants[:, k] = pm.exp(_gaussian_filter1d(pm.log(track[name]), sigma_f, mode="nearest"))
     formants[:, 3:] = _HIGHER_FORMANTS
     formants *= scale
     # Resonances at or above ~Nyquist are left out (radius 0, below).
     in_band = formants < 0.47 * SAMPLE_RATE
-    amp = {name: gaussian_filter1d(track[name], 0.6, mode="nearest") for name in ("voice", "asp", "fric")}
-    nasal = np.clip(gaussian_filter1d(track["nasal"], sigma_f, mode="nearest"), 0.0, 1.0)
+    amp = {name: _gaussian_filter1d(track[name], 0.6, mode="nearest") for name in ("voice", "asp", "fric")}
+    nasal = np.clip(_gaussian_filter1d(track["nasal"], sigma_f, mode="nearest"), 0.0, 1.0)
 
     # Intonation: declination + pitch accents on stressed vowels + slow drift.
     t = np.arange(n_frames) / n_frames
     st = f0_range * (0.3 - 0.6 * t)
-    st += f0_range * gaussian_filter1d(track["accent"], 5.0, mode="nearest")
-    st += gaussian_filter1d(content_rng.standard_normal(n_frames), 12.0) * 3.0
-    f0 = np.clip(f0_mean * 2.0 ** (st / 12.0), 55.0, 450.0)
+    st += f0_range * _gaussian_filter1d(track["accent"], 5.0, mode="nearest")
+    st += _gaussian_filter1d(content_rng.standard_normal(n_frames), 12.0) * 3.0
+    f0 = np.clip(f0_mean * pm.exp2(st / 12.0), 55.0, 450.0)
 
     # Excitation of the vocal tract: voiced pulses + pitch-synchronous breath noise
     # + aspiration (h, stop release).  Frication is a separate noise path that
@@ -482,20 +508,24 @@ def _synthesise_speech(traits: dict, content_rng, noise_rng, n: int) -> np.ndarr
                          _radius(traits["piriform_bandwidth_hz"]) * ones]))
     tract = _frequency_response(zeros, poles)
     # Source spectral tilt: LF-model return phase = first-order low-pass.
-    tract *= (1.0 / (1.0 + 1j * _FREQS / tilt_hz)).astype(np.complex64)
+    w = _FREQS / tilt_hz  # 1 / (1 + i w) = (1 - i w) / (1 + w^2)
+    tilt = np.empty(w.shape, np.complex64)
+    tilt.real, tilt.imag = 1.0 / (1.0 + w * w), -w / (1.0 + w * w)
+    tract = pm.complex_multiply(tract, tilt)
 
     # Frication: band-pass noise (peak gain 1) centred on the constriction's
     # resonance; two 2-pole sections give the steep low-frequency skirt of sibilants.
-    fc = (track["fric_fc"] * traits["fricative_scale"] * traits["vtl_scale"] ** 0.7).astype(np.float32)
+    fc = (track["fric_fc"] * traits["fricative_scale"] * float(pm.power(traits["vtl_scale"], 0.7))).astype(np.float32)
     q = track["fric_q"].astype(np.float32)
     f = np.maximum(_FREQS, 1.0).astype(np.float32)
     fric_filter = 1.0 / (1.0 + (q[:, None] * (f / fc[:, None] - fc[:, None] / f)) ** 2)
 
-    spec = _stft(e_tract, n_frames) * tract + _stft(e_fric, n_frames) * fric_filter
+    spec = (pm.complex_multiply(_stft(e_tract, n_frames), tract)
+            + pm.complex_multiply(_stft(e_fric, n_frames), fric_filter))
     speech = _istft(spec, n)
     # 15 ms raised-cosine fades: the phone sequence is cut to length, so avoid clicks.
     fade = min(int(0.015 * SAMPLE_RATE), n // 4)
-    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
+    ramp = 0.5 - 0.5 * pm.cos(np.pi * np.arange(fade) / fade)
     speech[:fade] *= ramp
     speech[n - fade :] *= ramp[::-1]
     active = np.abs(speech) > 0.05 * np.abs(speech).max()
@@ -517,10 +547,10 @@ def _apply_channel(x: np.ndarray, n_speech: int, rng: np.random.Generator) -> np
     rt60 = rng.uniform(0.1, 0.5)
     ir_len = int(rt60 * SAMPLE_RATE)
     t = np.arange(ir_len) / SAMPLE_RATE
-    tail = _white(rng, ir_len) * np.exp(-6.91 * t / rt60)
+    tail = _white(rng, ir_len) * pm.exp(-6.91 * t / rt60)
     tail[: int(0.002 * SAMPLE_RATE)] = 0.0  # a couple of ms before the first reflections
     drr_db = rng.uniform(3.0, 15.0)  # direct-to-reverberant energy ratio (the wet mix)
-    tail *= math.sqrt(10.0 ** (-drr_db / 10.0) / np.sum(tail**2))
+    tail *= math.sqrt(float(pm.power(10.0, -drr_db / 10.0)) / np.sum(tail**2))
     ir = tail
     ir[0] = 1.0
     # Early reflections (desk, nearby walls): discrete echoes a few ms after the
@@ -531,38 +561,45 @@ def _apply_channel(x: np.ndarray, n_speech: int, rng: np.random.Generator) -> np
     nfft = _next_fast_len(n + ir_len)
     freqs = np.fft.rfftfreq(nfft, 1.0 / SAMPLE_RATE)
     f = np.maximum(freqs, 1.0)
-    speech = sfft.rfft(x, nfft) * sfft.rfft(ir, nfft)
+    speech = pm.complex_multiply(sfft.rfft(x, nfft), sfft.rfft(ir, nfft))
 
     # Background noise, coloured by a random spectral slope (white .. brown),
     # generated straight in the frequency domain (stationary over the file).
     slope_db_oct = rng.uniform(-6.0, 0.0)
-    shape = (np.maximum(f, 50.0) / 1000.0) ** (slope_db_oct / 6.02)  # amplitude ~ f^a is 6.02a dB/oct
-    noise = _white(rng, 2 * freqs.size).astype(np.float64).view(np.complex128) * shape
+    shape = pm.power(np.maximum(f, 50.0) / 1000.0, slope_db_oct / 6.02)  # amplitude ~ f^a is 6.02a dB/oct
+    noise = pm.complex_multiply(_white(rng, 2 * freqs.size).astype(np.float64).view(np.complex128), shape)
     snr_db = rng.uniform(10.0, 30.0)
 
     # Microphone / line: tilt, 1-3 peaking bands (log-Gaussian bumps), band limits.
-    octaves = np.log2(f / 1000.0)
+    octaves = pm.log2(f / 1000.0)
     gain_db = rng.uniform(-4.0, 4.0) * octaves
     for _ in range(int(rng.integers(1, 4))):
-        centre = rng.uniform(math.log2(0.15), math.log2(6.0))  # octaves re 1 kHz
+        centre = rng.uniform(float(pm.log2(0.15)), float(pm.log2(6.0)))  # octaves re 1 kHz
         width_oct = rng.uniform(0.2, 1.5)
-        gain_db += rng.uniform(-12.0, 12.0) * np.exp(-0.5 * ((octaves - centre) / width_oct) ** 2)
-    low_cut = math.exp(rng.uniform(math.log(50.0), math.log(300.0)))
+        gain_db += rng.uniform(-12.0, 12.0) * pm.exp(-0.5 * ((octaves - centre) / width_oct) ** 2)
+    low_cut = float(pm.exp(rng.uniform(pm.log(50.0), pm.log(300.0))))
     high_cut = rng.uniform(3400.0, 8000.0)
-    response = 10.0 ** (gain_db / 20.0)
+    response = pm.power(10.0, gain_db / 20.0)
     response /= np.sqrt(1.0 + np.square(np.square(low_cut / f)))  # 2nd-order high-pass
     if high_cut < 7900.0:
-        response /= np.sqrt(1.0 + (f / high_cut) ** 16)  # 8th-order low-pass
+        r2 = np.square(f / high_cut)
+        r8 = np.square(np.square(r2))
+        response /= np.sqrt(1.0 + r8 * r8)  # 8th-order low-pass: (f / high_cut)^16 by exact squarings
     response[0] = 0.0  # no DC
-    speech *= response
-    noise *= response
+    speech = pm.complex_multiply(speech, response)
+    noise = pm.complex_multiply(noise, response)
 
     # SNR as it would be measured on the recording: speech power over the speech
     # part vs noise power, both after the microphone (Parseval on the spectra).
-    p_speech = np.sum(np.abs(speech) ** 2) / n_speech
-    p_noise = np.sum(np.abs(noise) ** 2) / nfft
-    speech += noise * math.sqrt(p_speech / p_noise * 10.0 ** (-snr_db / 10.0))
+    p_speech = np.sum(_power(speech)) / n_speech
+    p_noise = np.sum(_power(noise)) / nfft
+    speech += pm.complex_multiply(noise, math.sqrt(p_speech / p_noise * float(pm.power(10.0, -snr_db / 10.0))))
     return sfft.irfft(speech, nfft)[:n]
+
+
+def _power(z: np.ndarray) -> np.ndarray:
+    """|z|^2 (numpy's complex abs differs in the last bit between CPUs)."""
+    return z.real * z.real + z.imag * z.imag
 
 
 def _next_fast_len(n: int) -> int:
@@ -593,7 +630,7 @@ def _utterance_audio(seed: int, spk: int, utt: int, min_s: float, max_s: float, 
     else:
         y = x + _white(noise_rng, n_total) * 1e-3  # -60 dB noise floor
         peak_dbfs = -3.0
-    y *= 10.0 ** (peak_dbfs / 20.0) / np.abs(y).max()
+    y *= float(pm.power(10.0, peak_dbfs / 20.0)) / np.abs(y).max()
     return np.clip(y, -1.0, 32767.0 / 32768.0)
 
 
@@ -606,7 +643,10 @@ def _make_utterance(job: tuple) -> dict:
     final = Path(out_dir) / rel
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        sf.write(tmp, y, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        # FLAC level 0 (libsndfile's compression_level 0.0): fixed integer predictors only.  From level 3 up,
+        # libFLAC fits LPC predictors in floating point with CPU-dispatched code (an FMA kernel where the CPU
+        # has FMA), so the same samples could be encoded to different bytes; level 0 costs ~9 % in size.
+        sf.write(tmp, y, SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=0.0)
         os.replace(tmp, final)  # readers never see a half-written file
     finally:
         tmp.unlink(missing_ok=True)
