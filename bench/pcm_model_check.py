@@ -79,7 +79,7 @@ def main() -> int:
     from voiceprint.audio import AudioError, load_audio
     from voiceprint.features import apply_vad
 
-    rec = Recognizer(args.model)
+    rec = Recognizer(args.model, backend="keras")   # the graph is built around the Keras model
     settings = rec.bundle.features
     print(f"model {args.model} (kind {settings.kind}, vad {settings.vad}, window_frames {settings.window_frames}); "
           f"{len(files)} files under {args.data}"
@@ -92,10 +92,12 @@ def main() -> int:
         for fmt in args.formats:
             t0 = time.perf_counter()
             if fmt == "onnx":
-                out = P.export_pcm_onnx(rec.bundle.model, settings, Path(tmp) / "model_pcm.onnx")
+                out = P.export_pcm_onnx(rec.bundle.model, settings, Path(tmp) / "model_pcm.onnx",
+                                        stats_lda=rec.bundle.stats_lda)
                 embedders[fmt] = P.load_pcm_onnx(out)
             else:
-                out = P.export_pcm_tflite(rec.bundle.model, settings, Path(tmp) / "model_pcm.tflite")
+                out = P.export_pcm_tflite(rec.bundle.model, settings, Path(tmp) / "model_pcm.tflite",
+                                          stats_lda=rec.bundle.stats_lda)
                 embedders[fmt] = P.load_pcm_tflite(out)
             print(f"exported pcm-{fmt}: {out.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.0f} s")
 

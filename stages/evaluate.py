@@ -133,7 +133,8 @@ def main() -> None:
     save_bundle(BUNDLE, models[deploy], system=served, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
                 score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,
-                llr_calibration=llr_calibration, llr_fit=llr_fit, stats_lda=stats_lda)
+                llr_calibration=llr_calibration, llr_fit=llr_fit, stats_lda=stats_lda,
+                onnx=True)   # model.onnx for the TensorFlow-free runtime, checked against the Keras model
 
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):

@@ -569,9 +569,17 @@ def test_chunked_memory_does_not_grow_with_length(tmp_path):
 
 def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypatch):
     p = _long_speechy_file(tmp_path / "x.wav", 3)
-    monkeypatch.setattr(F, "_featurize_chunked", lambda *args: ("chunked", args[-1]))
+    monkeypatch.setattr(F, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
     assert F.LONG_FILE_SECONDS == 300.0 and F.CHUNK_SECONDS == 20.0
     assert isinstance(featurize_file(p, "fbank_norm")[0], np.ndarray)
     assert isinstance(featurize_file(p, "fbank_norm", long_file_seconds=3.0)[0], np.ndarray)
     assert featurize_file(p, "fbank_norm", long_file_seconds=2.9) == ("chunked", 20.0)
     assert featurize_file(p, "fbank_norm", long_file_seconds=2.9, chunk_seconds=0.5) == ("chunked", 0.5)
+
+
+def test_dct_matrix_equals_scipys_dct_ii_ortho():
+    scipy_fft = pytest.importorskip("scipy.fft")
+    from voiceprint.features import MFCC_BANDS, _dct_ortho
+
+    expected = scipy_fft.dct(np.eye(MFCC_BANDS), type=2, norm="ortho", axis=0)[:20].T
+    np.testing.assert_allclose(_dct_ortho(MFCC_BANDS, 20), expected, rtol=0, atol=2e-15)

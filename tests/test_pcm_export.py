@@ -98,6 +98,32 @@ def test_graph_rounds_features_to_float16_like_the_recognizer():
     assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 2.0 ** -14)) <= 2.0 ** -10 + 1e-7
 
 
+def test_graph_mfcc_statistics_match_the_package():
+    fn = P._mfcc_stats_frontend(16000)
+    for i, n in enumerate((561, 16000, 16000 * 3 + 17)):
+        signal = _speechlike(n, seed=20 + i)
+        want = F.mfcc_stats(signal)
+        got = fn(signal[None]).numpy()[0]
+        assert got.shape == want.shape == (40,)
+        # float32 in the graph, float64 in the package: ~1e-4 dB of statistics of magnitude ~1-300
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=str(n))
+
+
+def test_onnx_pcm_model_with_a_statistics_branch_embeds_like_the_package(model, tmp_path):
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+    from voiceprint.stats_lda import fit_stats_lda
+
+    signals = [_speechlike(16000 + 300 * i, seed=30 + i) for i in range(12)]
+    stats = np.stack([F.mfcc_stats(s) for s in signals])
+    lda = fit_stats_lda(stats, np.repeat(np.arange(4), 3), weight=0.4)
+    embedder = P.load_pcm_onnx(P.export_pcm_onnx(model, DEFAULT_FEATURES, tmp_path / "joint.onnx", stats_lda=lda))
+    for signal, row in zip(signals[:3], stats):
+        want = lda.joint(_package_embedding(model, signal, DEFAULT_FEATURES)[None], row[None])[0]
+        got = embedder(signal)
+        assert got.shape == (DIM + lda.output_dim,) and float(got @ want) >= MIN_COSINE
+
+
 def test_frontend_matrices_give_the_power_spectrum_and_filterbank():
     dft, filters = P.frontend_matrices("logmel_cmn", 16000, 64)
     assert dft.shape == (400, 514) and filters.shape == (514, 64)
@@ -192,8 +218,9 @@ def test_shipped_model_as_pcm_onnx_agrees_with_the_recognizer_on_real_files(tmp_
     from voiceprint.audio import load_audio
     from voiceprint.pretrained import SHIPPED
 
-    rec = Recognizer(SHIPPED)
-    embedder = P.load_pcm_onnx(P.export_pcm_onnx(rec.bundle.model, rec.bundle.features, tmp_path / "pcm.onnx"))
+    rec = Recognizer(SHIPPED, backend="keras")
+    embedder = P.load_pcm_onnx(P.export_pcm_onnx(rec.bundle.model, rec.bundle.features, tmp_path / "pcm.onnx",
+                                                 stats_lda=rec.bundle.stats_lda))
     files = sorted(SHARED.rglob("*.flac"))
     # the shortest, the median and the longest file (by size): ~1.5 s to ~30 s; bench/pcm_model_check.py does all
     by_length = sorted(files, key=lambda p: p.stat().st_size)

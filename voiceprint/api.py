@@ -250,12 +250,19 @@ class Recognizer:
     """A loaded model bundle and the operations on audio files. ``model``: a bundle directory, a ``.keras`` file
     or an already loaded :class:`~voiceprint.bundle.Bundle`; default ``$VOICEPRINT_MODEL`` or models/voiceprint."""
 
-    def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None):
+    def __init__(self, model: str | Path | Bundle | None = None, *, features: dict | None = None,
+                 backend: str = "auto"):
+        # backend: "onnx" (ONNX Runtime, no TensorFlow), "keras", or "auto": onnx when the bundle has model.onnx
+        # and onnxruntime is installed, else keras (voiceprint.bundle explains why onnx is preferred).
         self.bundle = model if isinstance(model, Bundle) else load_bundle(checked_model_path(model),
-                                                                          features=features)
-        from voiceprint.features import featurize_file
+                                                                          features=features, backend=backend)
+        from voiceprint.features import engine, featurize_file
 
         self._featurize = featurize_file
+        self._engine = engine
+        # ONNX: numpy features (the same values; numba's load would be most of a cold start, and the runtime
+        # install has no numba). Keras: the pipeline's own engine, so files embed bit for bit as in evaluate.
+        self.feature_engine = "numpy" if self.bundle.backend == "onnx" else "auto"
         settings = self.bundle.features
         self._featurize_kwargs = {"sample_rate": settings.sample_rate, "min_seconds": settings.min_seconds,
                                   "max_clipped_fraction": MAX_CLIPPED_FRACTION}
@@ -267,6 +274,11 @@ class Recognizer:
         """What the embeddings depend on (the registry keys enrolments by it): the model file's sha256, combined
         with the MFCC-statistics branch's in a bundle that has one."""
         return self.bundle.scoring_sha256
+
+    @property
+    def backend(self) -> str:
+        """What runs the model: ``onnx`` (ONNX Runtime) or ``keras`` (TensorFlow)."""
+        return self.bundle.backend
 
     @property
     def shipped(self) -> dict | None:
@@ -304,15 +316,18 @@ class Recognizer:
     def _features_and_stats(self, path: AudioInput, *, with_stats: bool) -> tuple[np.ndarray, np.ndarray | None]:
         item = as_audio(path)
         if isinstance(item, Path):
-            feats, stats = self._featurize(item, self.bundle.features.kind, **self._featurize_kwargs)
+            with self._engine(self.feature_engine):
+                feats, stats = self._featurize(item, self.bundle.features.kind, with_mfcc_stats=with_stats,
+                                               **self._featurize_kwargs)
         else:
             from voiceprint.features import featurize_signal
 
             kwargs = dict(self._featurize_kwargs)
             signal = item.load(kwargs.pop("sample_rate"), kwargs.pop("min_seconds"),
                                max_clipped_fraction=kwargs.pop("max_clipped_fraction"))
-            made = featurize_signal(signal, self.bundle.features.kind, self.bundle.features.sample_rate,
-                                    name=item.name, with_stats=with_stats, **kwargs)
+            with self._engine(self.feature_engine):
+                made = featurize_signal(signal, self.bundle.features.kind, self.bundle.features.sample_rate,
+                                        name=item.name, with_stats=with_stats, **kwargs)
             feats, stats = made if with_stats else (made, None)
         # The feature store keeps float16, so the model was trained and calibrated on float16-rounded features.
         return feats.astype(np.float16).astype(np.float32), stats
@@ -320,9 +335,7 @@ class Recognizer:
     def embed_files(self, paths: Sequence[AudioInput], *, progress: bool = False) -> np.ndarray:
         """(len(paths), D) float32 L2-normalised embeddings, one per input in order: files, or audio in memory
         (see :func:`as_audio`). Any bad input raises AudioError (naming it) before anything is returned."""
-        from tqdm import tqdm
-
-        from voiceprint.embedding import embed_features
+        from voiceprint.embedding import embed_features, tqdm   # tqdm imported only for a shown bar
 
         paths = [as_audio(p, i) for i, p in enumerate(paths)]
         settings = self.bundle.features

@@ -61,18 +61,37 @@ def _recognizer(args):
         raise InputError(str(exc)) from None
     model = require_model(checked_model_path(args.model))   # fail fast, before the slow TensorFlow import
     _say_which_model(args, model)
-    _import_tensorflow_quietly()
-    from voiceprint.runtime import configure_tensorflow
+    backend = getattr(args, "backend", "auto")
+    if backend == "keras" or (backend == "auto" and not _has_onnx(model)):
+        # Only the keras backend pays for TensorFlow; the onnx one never imports it (tests/test_runtime.py).
+        try:
+            _import_tensorflow_quietly()
+        except ImportError:
+            pass    # Recognizer reports the missing package as a model error naming it
+        else:
+            from voiceprint.runtime import configure_tensorflow
 
-    configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
+            configure_tensorflow(0)   # threads (VOICEPRINT_THREADS); inference draws no random numbers
     features = {"kind": args.feature_kind} if args.feature_kind else None
-    rec = Recognizer(model, features=features)
+    rec = Recognizer(model, features=features, backend=backend)
     if rec.shipped is not None and not getattr(args, "quiet", False):
         print(f"voiceprint: using the model shipped with the package ({rec.shipped['name']}: "
               f"{rec.shipped['trained_on']}); pass --model or set VOICEPRINT_MODEL for another", file=sys.stderr)
     return rec
 
 
+def _has_onnx(model: Path) -> bool:
+    """Would ``auto`` pick ONNX Runtime for this model? (voiceprint.bundle decides; this only avoids importing
+    TensorFlow before it when it will not be used.)"""
+    from voiceprint.bundle import _onnx_runtime_available, thresholds_file
+
+    if model.suffix == ".onnx":
+        return True
+    try:
+        has = model.is_dir() and "onnx_sha256" in json.loads(thresholds_file(model).read_text())
+    except (OSError, ValueError):
+        return False    # load_bundle reports what is wrong with it
+    return has and _onnx_runtime_available()
 def _say_which_model(args, model) -> None:
     """A model picked by default from the working directory is named (the shipped one is named by _recognizer):
     the same command run elsewhere would use another model."""
@@ -139,10 +158,9 @@ def _output_suffix(path: str | None, allowed: tuple[str, ...]) -> str | None:
 
 def cmd_embed(args) -> int:
     import numpy as np
-    import pandas as pd
 
     from voiceprint.api import InputError, audio_files
-    from voiceprint.outputs import atomic_path, write_csv
+    from voiceprint.outputs import atomic_path, write_rows
 
     suffix = _output_suffix(args.output, (".npy", ".csv"))
     if suffix is None and not args.json:
@@ -160,16 +178,15 @@ def cmd_embed(args) -> int:
     if suffix == ".npy":
         rows = Path(args.output).with_suffix(".paths.csv")
         # The row list first: a finished .npy always has its row list beside it.
-        write_csv(rows, pd.DataFrame({"row": np.arange(len(names)), "path": names}))
+        write_rows(rows, ["row", "path"], enumerate(names))
         with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
             np.save(fh, emb)
         payload.update(output=str(args.output), paths_file=str(rows))
         human = (f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}; "
                  f"row i is the file in row i of {rows}")
     else:
-        table = pd.DataFrame(emb, columns=[f"emb_{i}" for i in range(emb.shape[1])])
-        table.insert(0, "path", names)
-        write_csv(args.output, table)
+        write_rows(args.output, ["path", *(f"emb_{i}" for i in range(emb.shape[1]))],
+                   ([name, *map(float, row)] for name, row in zip(names, emb)))
         payload.update(output=str(args.output))
         human = f"wrote {len(names)} embeddings ({emb.shape[1]}-d) to {args.output}"
     return _emit(args, payload, human)
@@ -285,10 +302,11 @@ def cmd_speakers_remove(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    import pandas as pd
+    import csv
+    import io
 
     from voiceprint.api import InputError, audio_files
-    from voiceprint.outputs import write_csv
+    from voiceprint.outputs import write_rows
 
     _output_suffix(args.output, (".csv",))
     if args.speakers is not None and args.threshold is not None:
@@ -299,16 +317,18 @@ def cmd_cluster(args) -> int:
     name, value = (None, None) if args.speakers is not None else rec.threshold(args.threshold or "eer")
     labels = rec.cluster(paths, threshold=args.threshold or "eer", num_speakers=args.speakers,
                          progress=_progress(args))
-    table = pd.DataFrame({"path": [str(p) for p in paths], "speaker": labels})
+    table = [(str(p), int(label)) for p, label in zip(paths, labels)]
     groups = int(labels.max())
     payload = {**_model_info(rec), "threshold": value, "threshold_name": name, "speakers": groups,
-               "files": table.to_dict(orient="records"), "skipped": [str(p) for p in skipped]}
+               "files": [{"path": p, "speaker": label} for p, label in table], "skipped": [str(p) for p in skipped]}
     if args.output:
-        write_csv(args.output, table)
+        write_rows(args.output, ["path", "speaker"], table)
         payload["output"] = str(args.output)
         human = f"{len(table)} files in {groups} speaker group(s), written to {args.output}"
     else:
-        human = table.to_csv(index=False, lineterminator="\n").rstrip("\n")
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([("path", "speaker"), *table])
+        human = text.getvalue().rstrip("\n")
     return _emit(args, payload, human)
 
 
@@ -448,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="bundle directory or .keras file (default: $VOICEPRINT_MODEL, else "
                                        "models/voiceprint in the working directory, else the shipped model)")
     model.add_argument("--feature-kind", help="feature kind of a bare .keras model (default logmel_cmn)")
+    model.add_argument("--backend", choices=("auto", "onnx", "keras"), default="auto",
+                       help="onnx: ONNX Runtime, no TensorFlow (the bundle's model.onnx); keras: TensorFlow; auto "
+                            "(default): onnx when the bundle has model.onnx and onnxruntime is installed")
     threshold = argparse.ArgumentParser(add_help=False)
     threshold.add_argument("--threshold", help="eer (default), low_far, or a score: a cosine in [-1, 1], or an "
                                                "AS-norm score for a bundle with a cohort (score_norm as_norm)")

@@ -1,12 +1,35 @@
 """Embedding utterances with a trained model: whole utterances, or the mean over sliding windows."""
 from __future__ import annotations
 
+import contextlib
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
-from voiceprint.store import FeatureStore
+if TYPE_CHECKING:   # only an annotation: the runtime (ONNX) path must not import pandas through the store
+    from voiceprint.store import FeatureStore
+
+
+def tqdm(*args, disable: bool = False, **kwargs):
+    """tqdm, imported only when a bar is shown (its import is ~5% of a cold ``voiceprint verify``)."""
+    if not disable:
+        from tqdm import tqdm as real
+
+        return real(*args, **kwargs)
+    return _NoBar(args[0] if args else ())
+
+
+class _NoBar(contextlib.nullcontext):
+    def __init__(self, iterable=()):
+        super().__init__(self)
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 # model -> {num_bands: traced function}: a new tf.function per call would trace the model again every call
@@ -15,6 +38,10 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _compiled(model, num_bands: int):
+    from voiceprint.export import Embedder
+
+    if isinstance(model, Embedder):   # an exported model (ONNX Runtime): already (B, T, bands, 1) -> (B, D)
+        return model
     import tensorflow as tf
 
     per_model = _COMPILED.setdefault(model, {})

@@ -150,9 +150,100 @@ def export_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET) -> Path:
     spec = _input_spec(_num_bands(model))
     fn = tf.function(lambda features: {OUTPUT_NAME: model(features, training=False)}, input_signature=[spec])
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=[spec], opset=opset)
+    _canonical_names(proto.graph)
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return path
+
+
+# Lengths (frames) the ONNX export is checked at: not multiples of the model's 16x time reduction, a 1-frame edge,
+# 1 s, 4 s and 12 s of audio; one batch of two, because the bundle's users batch equal-length utterances.
+VERIFY_FRAMES = (1, 37, 98, 411, 1200)
+MIN_ONNX_COSINE = 0.99999
+
+
+class ExportMismatchError(ValueError):
+    """An exported model whose embeddings differ from the Keras model's (the export is not written)."""
+
+
+def check_onnx(model, path: str | Path, *, frames=VERIFY_FRAMES, min_cosine: float = MIN_ONNX_COSINE,
+               seed: int = 0) -> float:
+    """The smallest cosine between Keras and ONNX Runtime embeddings of random features at each of ``frames``
+    (batches of 2); ExportMismatchError when it is below ``min_cosine``."""
+    bands = _num_bands(model)
+    onnx_embedder = load_onnx_embedder(path, num_threads=1)
+    rng = np.random.default_rng(seed)
+    worst = 1.0
+    for n in frames:
+        x = rng.normal(size=(2, n, bands, 1)).astype(np.float32)
+        want = np.asarray(model(x, training=False), dtype=np.float64)
+        got = onnx_embedder(x).astype(np.float64)
+        cos = np.sum(want * got, -1) / np.maximum(np.linalg.norm(want, axis=-1) * np.linalg.norm(got, axis=-1),
+                                                   1e-30)
+        worst = min(worst, float(cos.min()))
+        if not worst >= min_cosine:
+            raise ExportMismatchError(f"{path}: ONNX embeddings differ from the Keras model's at {n} frames "
+                                      f"(cosine {worst:.7f} < {min_cosine}); not using this export")
+    return worst
+
+
+def export_checked_onnx(model, path: str | Path, *, min_cosine: float = MIN_ONNX_COSINE) -> float:
+    """:func:`export_onnx`, then :func:`check_onnx` before the file appears at ``path``: a failed check leaves
+    nothing there. Returns the smallest cosine seen."""
+    path = Path(path)
+    _ensure_parent(path)
+    with atomic_path(path) as tmp:
+        export_onnx(model, tmp)
+        return check_onnx(model, tmp, min_cosine=min_cosine)
+
+
+def _canonical_names(graph) -> None:
+    """Rename the graph's nodes and inner tensors by position (``Conv_12``, ``t34``), in place, and order its
+    initializers by the new names. tf2onnx names what it creates from a process-wide counter and emits the
+    initializers in set order, so the same weights gave different bytes from one export to the next; the node
+    order and connections are the same each time, so after this the bytes are too (the bundle's sha256 is
+    reproducible). Graph inputs and outputs keep their names (the contract)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return renamed.setdefault(name, f"t{len(renamed)}")
+
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for field in (node.input, node.output):
+            for k, name in enumerate(field):
+                field[k] = new(name)
+    initializers = sorted(graph.initializer, key=lambda t: int(new(t.name)[1:]) if new(t.name)[1:].isdigit()
+                          else -1)
+    for tensor in initializers:
+        tensor.name = new(tensor.name)
+    copies = [type(t)() for t in initializers]
+    for copy, tensor in zip(copies, initializers):
+        copy.CopyFrom(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(copies)
+    infos = []
+    for info in graph.value_info:
+        copy = type(info)()
+        copy.CopyFrom(info)
+        copy.name = new(copy.name)
+        infos.append(copy)
+    del graph.value_info[:]
+    graph.value_info.extend(sorted(infos, key=lambda v: v.name))
+    # Symbolic dimensions: tf2onnx's are counter-numbered too ("unk__513"); the contract's get names.
+    dims: dict[str, str] = {}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for d in info.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = dims.setdefault(d.dim_param, f"d{len(dims)}")
+    for info, names in ((graph.input[0], ("batch", "frames")), (graph.output[0], ("batch",))):
+        for d, name in zip(info.type.tensor_type.shape.dim, names):
+            if d.dim_param:
+                d.dim_param = name
+    graph.doc_string = "voiceprint embedding: features (batch, frames, bands, 1) -> L2-normalised (batch, D)"
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -177,6 +268,11 @@ class Embedder:
 
     def __repr__(self):
         return f"Embedder(format={self.format!r}, source={self.source!r}, num_bands={self.num_bands})"
+
+    @property
+    def input_shape(self) -> tuple:
+        """Keras-style ``(None, None, bands, 1)``, so code that reads a Keras model's shapes takes an Embedder."""
+        return (None, None, self.num_bands, 1)
 
     def __call__(self, features) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)
@@ -331,7 +427,7 @@ def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
 
             bundle = load_bundle(args.model)   # a bare .keras file gets the default features (params.yaml)
             write = pcm_export.export_pcm_onnx if args.format == "pcm-onnx" else pcm_export.export_pcm_tflite
-            print(f"wrote {write(bundle.model, bundle.features, args.output)}")
+            print(f"wrote {write(bundle.model, bundle.features, args.output, stats_lda=bundle.stats_lda)}")
             return 0
         model = load_model(args.model)
         if args.format == "original_h5":
@@ -348,7 +444,7 @@ def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
     return 0
 
 
-__all__ = ["FORMATS", "main", "Embedder", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
+__all__ = ["FORMATS", "main", "Embedder", "ExportMismatchError", "check_onnx", "export_checked_onnx", "SIGNATURE", "INPUT_NAME", "OUTPUT_NAME", "export_savedmodel", "export_tflite",
            "export_onnx", "keras_embedder", "load_savedmodel_embedder", "load_tflite_embedder",
            "load_onnx_embedder"]
 

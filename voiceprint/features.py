@@ -28,12 +28,21 @@ The spectra of all three run in one compiled (numba) kernel that transforms 64 f
 percentile is a compiled histogram search.  Kernels compile on first use (~10 s once; later processes load them
 from numba's cache in __pycache__).
 
+Two engines compute the same features (:func:`engine`): ``numba`` (the kernels above; what the pipeline uses,
+bit for bit as ever) and ``numpy`` (numpy's FFT on framed blocks; numba is never imported). Loading numba and its
+cached kernels costs ~1.2 s of CPU in every new process, most of a cold ``voiceprint verify``, so the ONNX runtime
+computes its features with ``numpy``: the same values up to float64 round-off in the spectra (trim and
+normalisation bit-identical), tests/test_runtime.py. The default (``auto``) is ``numba`` when it is installed.
+
 This module runs inside multiprocessing workers, before TF is imported anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -41,13 +50,66 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
-import numba
 import numpy as np
-import scipy.fft
 
 from voiceprint import portable_math as pm
 from voiceprint.audio import AudioError, ChunkedAudio, decode, open_audio
 from voiceprint.errors import WorkerDiedError
+
+# ---------------------------------------------------------------------------
+# Engines: numba kernels, compiled lazily, or numpy
+# ---------------------------------------------------------------------------
+
+ENGINES = ("auto", "numba", "numpy")
+_ENGINE = contextvars.ContextVar("voiceprint_features_engine", default="auto")   # per thread / task
+_KERNELS: list[str] = []       # the names of the numba kernels below, compiled together on first use
+
+
+def _njit(fn):
+    """``numba.njit(cache=True)``, applied on the first call of any kernel: importing this module does not import
+    numba. All kernels are compiled together (``numba.njit`` is lazy itself), because kernels call each other
+    through this module's globals, which must then be numba dispatchers."""
+    _KERNELS.append(fn.__name__)
+
+    @functools.wraps(fn)
+    def first_call(*args):
+        _compile_kernels()
+        return globals()[fn.__name__](*args)
+
+    first_call.py_func = fn
+    return first_call
+
+
+def _compile_kernels() -> None:
+    import numba
+
+    g = globals()
+    for name in _KERNELS:
+        if not hasattr(g[name], "signatures"):     # still the lazy wrapper, not a numba dispatcher
+            g[name] = numba.njit(cache=True)(g[name].py_func)
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def _use_numba() -> bool:
+    chosen = _ENGINE.get()
+    return chosen == "numba" or (chosen == "auto" and _numba_installed())
+
+
+@contextlib.contextmanager
+def engine(name: str):
+    """``with engine("numpy"): ...``: compute features in this thread with ``name`` (``auto``: numba when it is
+    installed, ``numba``, ``numpy``); see the module docstring."""
+    if name not in ENGINES:
+        raise ValueError(f"feature engine {name!r}: expected one of {', '.join(ENGINES)}")
+    token = _ENGINE.set(name)
+    try:
+        yield
+    finally:
+        _ENGINE.reset(token)
 
 __all__ = [
     "FRAME_LEN",
@@ -123,7 +185,7 @@ def trim_silence_original(signal: np.ndarray) -> np.ndarray:
     signal = np.asarray(signal)
     if signal.shape[0] == 0:
         return signal
-    if signal.dtype == np.float32 and signal.ndim == 1:
+    if signal.dtype == np.float32 and signal.ndim == 1 and _use_numba():
         contiguous = np.ascontiguousarray(signal)
         n = signal.shape[0]
         virtual = (n - 1) * np.true_divide(95, 100)  # np.percentile's float64 arithmetic
@@ -145,7 +207,7 @@ def trim_silence_original(signal: np.ndarray) -> np.ndarray:
     return signal[loud[0] : loud[-1]]
 
 
-@numba.njit(cache=True)
+@_njit
 def _order_statistics(bits, k):
     """(finite, |x|_(k), |x|_(k+1)) for float32 x given as its uint32 bit patterns; order statistics 0-based,
     returned as bit patterns, k + 1 clipped to the last one.  finite is False when x holds Inf or NaN.
@@ -180,7 +242,7 @@ def _order_statistics(bits, k):
     return True, members[r], members[min(r + 1, members.shape[0] - 1)]
 
 
-@numba.njit(cache=True)
+@_njit
 def _loud_bounds(signal, threshold):
     """(first, last) indices with |x| > threshold; last <= first when fewer than 2 samples are that loud."""
     n = signal.shape[0]
@@ -362,7 +424,7 @@ def _sparse_bands(filterbank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 # vectorises the radix-5 loop too (3.5x faster than the scalar loop it made of the split version).
 
 
-@numba.njit(cache=True)
+@_njit
 def _radix2(x0, x1, y0, y1, w1):
     for b in range(x0.shape[0]):
         a1 = x1[b] * w1
@@ -370,7 +432,7 @@ def _radix2(x0, x1, y0, y1, w1):
         y1[b] = x0[b] - a1
 
 
-@numba.njit(cache=True)
+@_njit
 def _radix4(x0, x1, x2, x3, y0, y1, y2, y3, w1, w2, w3):
     for b in range(x0.shape[0]):
         a0, a1, a2, a3 = x0[b], x1[b] * w1, x2[b] * w2, x3[b] * w3
@@ -386,7 +448,7 @@ _COS1, _COS2 = float(pm.cos(2 * np.pi / 5)), float(pm.cos(4 * np.pi / 5))
 _SIN1, _SIN2 = float(pm.sin(2 * np.pi / 5)), float(pm.sin(4 * np.pi / 5))
 
 
-@numba.njit(cache=True)
+@_njit
 def _radix5(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, w1, w2, w3, w4):
     for b in range(x0.shape[0]):
         a0, a1, a2, a3, a4 = x0[b], x1[b] * w1, x2[b] * w2, x3[b] * w3, x4[b] * w4
@@ -402,7 +464,7 @@ def _radix5(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, w1, w2, w3, w4):
         y4[b] = complex(c1.real - s1.imag, c1.imag + s1.real)
 
 
-@numba.njit(cache=True)
+@_njit
 def _fft_lanes(z, work, radices, offsets, twiddles):
     """Complex FFT along axis 0 of an (n, lanes) array, one transform per lane (column); Stockham autosort, so the
     two buffers alternate and no bit reversal is needed.  Returns the buffer holding the result.
@@ -435,7 +497,7 @@ def _fft_lanes(z, work, radices, offsets, twiddles):
     return src
 
 
-@numba.njit(cache=True)
+@_njit
 def _sample(signal, i, emphasis):
     """signal[i], or its pre-emphasis (python_speech_features': the first sample unchanged) if emphasis != 0."""
     if emphasis == 0 or i == 0:
@@ -443,7 +505,7 @@ def _sample(signal, i, emphasis):
     return signal[i] - emphasis * signal[i - 1]
 
 
-@numba.njit(cache=True)
+@_njit
 def _band_energies_kernel(signal, emphasis, start, step, frame_len, window, nfft, radices, offsets, twiddles,
                           unpack, starts, woffsets, weights, out):
     """out[t, j] = sum_k weights_j[k] |rfft(frame_t * window, nfft)[k]|^2, frame t = x[start + t step :][:
@@ -506,8 +568,51 @@ def _band_energies(signal: np.ndarray, start: int, count: int, step: int, window
     the frames of len(window) samples every ``step`` from ``start`` (negative: zeros before the signal), zero-padded
     past its end, of the signal or (``emphasis`` != 0) its pre-emphasis.  No frame matrix is built."""
     out = np.empty((count, bands[0].shape[0]))
+    if not _use_numba():
+        return _band_energies_numpy(signal, signal.dtype.type(emphasis), start, step, window, nfft, bands, out)
     _band_energies_kernel(signal, signal.dtype.type(emphasis), start, step, window.shape[0], window, nfft,
                           *_fft_plan(nfft), *bands, out)
+    return out
+
+
+NUMPY_BLOCK_FRAMES = 2048   # frames per numpy FFT block: (2048, 512) float64 frames = 8 MiB
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_bands(bands_key: tuple, nbins: int) -> np.ndarray:
+    starts, offsets, weights = (np.frombuffer(b, dtype) for b, dtype in zip(bands_key, (np.int64, np.int64, float)))
+    dense = np.zeros((nbins, starts.shape[0]))
+    for j in range(starts.shape[0]):
+        dense[starts[j]:starts[j] + offsets[j + 1] - offsets[j], j] = weights[offsets[j]:offsets[j + 1]]
+    dense.setflags(write=False)
+    return dense
+
+
+def _band_energies_numpy(signal, emphasis, start, step, window, nfft, bands, out) -> np.ndarray:
+    """What _band_energies_kernel computes, with numpy: frames (zeros outside the signal; pre-emphasis in the
+    signal's dtype, the first sample unchanged) x window in float64, |rfft|^2, dense filterbank product."""
+    frame_len, n = window.shape[0], signal.shape[0]
+    used = min(frame_len, nfft)
+    if emphasis != 0:
+        x = np.empty_like(signal)
+        if n:
+            x[0] = signal[0]
+            np.subtract(signal[1:], emphasis * signal[:-1], out=x[1:])
+    else:
+        x = signal
+    # Pad so that every frame lies inside: `before` zeros for a negative start, enough after for the last frame.
+    before = max(0, -start)
+    after = max(0, start + (out.shape[0] - 1) * step + used - n)
+    padded = np.concatenate([np.zeros(before, x.dtype), x, np.zeros(after, x.dtype)]) if before or after else x
+    dense = _dense_bands(tuple(np.ascontiguousarray(b).tobytes() for b in bands), nfft // 2 + 1)
+    win = np.asarray(window[:used], dtype=np.float64)
+    for first in range(0, out.shape[0], NUMPY_BLOCK_FRAMES):
+        count = min(NUMPY_BLOCK_FRAMES, out.shape[0] - first)
+        offsets = before + start + (first + np.arange(count)) * step
+        frames = padded[offsets[:, None] + np.arange(used)].astype(np.float64) * win
+        spectrum = np.fft.rfft(frames, nfft)
+        power = spectrum.real ** 2 + spectrum.imag ** 2
+        np.matmul(power, dense, out=out[first:first + count])
     return out
 
 
@@ -515,7 +620,7 @@ _EPS = float(np.finfo(np.float64).eps)  # python_speech_features' stand-in for z
 _PAIRWISE_BLOCK = 128  # numpy sums up to 128 values with 8 interleaved partial sums (PW_BLOCKSIZE)
 
 
-@numba.njit(cache=True)
+@_njit
 def _pairwise_sum(x, n):
     """sum(x[:n]) for n <= 128 in numpy's order (np.sum / np.mean of a short row), so results are bit-equal."""
     if n < 8:
@@ -536,7 +641,7 @@ def _pairwise_sum(x, n):
     return total
 
 
-@numba.njit(cache=True)
+@_njit
 def _normalize_rows_kernel(feat, out):
     """out = float32 of each row's (v - mean) / max(std, 1e-12), zeros replaced by float64 eps first: the original
     per-frame loop (np.mean, np.std) with numpy's exact operations and summation order."""
@@ -607,7 +712,7 @@ def _ones(n: int) -> np.ndarray:
 def _normalize_frames(feat: np.ndarray) -> np.ndarray:
     """Per frame (row): (v - mean) / max(std, 1e-12) across the bands, as the original; zeros -> eps first.
     float64 in (modified in place), float32 out."""
-    if feat.shape[1] > _PAIRWISE_BLOCK:  # numpy sums longer rows recursively; let numpy do it
+    if feat.shape[1] > _PAIRWISE_BLOCK or not _use_numba():  # numpy's own sums: the same (see the kernel)
         feat[feat == 0] = _EPS
         mean = feat.mean(axis=1, keepdims=True)
         return ((feat - mean) / np.maximum(feat.std(axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -817,8 +922,15 @@ def _dct_rows(db: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _dct_ortho(n_in: int, n_out: int) -> np.ndarray:
-    """(n_in, n_out): x @ it = scipy.fft.dct(x, type=2, norm='ortho')[..., :n_out] (what librosa.feature.mfcc uses)."""
-    matrix = np.ascontiguousarray(scipy.fft.dct(np.eye(n_in), type=2, norm="ortho", axis=0)[:n_out].T)
+    """(n_in, n_out): x @ it = scipy.fft.dct(x, type=2, norm='ortho')[..., :n_out] (what librosa.feature.mfcc uses),
+    to within 2e-15 (tested). Written out with portable_math's cosine rather than taken from scipy: the same bits on
+    every CPU, and the runtime (which needs the statistics for a bundle with a statistics branch) needs no scipy."""
+    from voiceprint import portable_math
+
+    n, k = np.arange(n_in, dtype=np.float64)[:, None], np.arange(n_out, dtype=np.float64)[None, :]
+    matrix = portable_math.cos(np.pi * (2.0 * n + 1.0) * k / (2.0 * n_in))
+    matrix *= np.where(k == 0, np.sqrt(1.0 / n_in), np.sqrt(2.0 / n_in))
+    matrix = np.ascontiguousarray(matrix)
     matrix.setflags(write=False)
     return matrix
 
@@ -948,11 +1060,13 @@ def _select(chunks: Iterable[np.ndarray], segments: list[tuple[int, int]]) -> It
         offset = end
 
 
-def _chunked_features(chunks: Iterable[np.ndarray], segments, kind: str, sample_rate: int, num_bands: int = 64):
+def _chunked_features(chunks: Iterable[np.ndarray], segments, kind: str, sample_rate: int, num_bands: int = 64,
+                      with_mfcc_stats: bool = True):
     """Features and mfcc_stats of the ``segments`` of a signal, with one chunk in memory (plus the features).
 
     ``chunks`` is iterated twice (each time giving the same chunks): features and the MFCC log-mel maximum
-    (power_to_db's top_db reference), then the MFCC statistics.
+    (power_to_db's top_db reference), then the MFCC statistics. ``with_mfcc_stats=False``: features only, one
+    pass, stats None.
     """
     total = sum(stop - start for start, stop in segments)
     frame_len, frame_step = _frame_params(sample_rate)
@@ -977,7 +1091,7 @@ def _chunked_features(chunks: Iterable[np.ndarray], segments, kind: str, sample_
 
     def mfcc_max(cut):
         nonlocal mel_max
-        if cut is not None:
+        if cut is not None and with_mfcc_stats:
             buf, rows = cut
             mel_max = max(mel_max, float(_mfcc_db_of_frames(buf, 0, rows, sample_rate).max()))
 
@@ -997,6 +1111,8 @@ def _chunked_features(chunks: Iterable[np.ndarray], segments, kind: str, sample_
     mfcc_max(mfcc_cutter.push(np.zeros(MFCC_N_FFT // 2, np.float32)))
     if kind == "logmel_cmn":
         out -= out.mean(axis=0, dtype=np.float64)  # as logmel_cmn
+    if not with_mfcc_stats:
+        return out, None
 
     stats = _MeanStd()
     floor_db = mel_max - MFCC_TOP_DB
@@ -1023,7 +1139,8 @@ def _too_short(path, samples: int, vad: str, frame_len: int) -> AudioError:
     return AudioError(path, "too_short", f"{samples} samples left by the {vad!r} VAD, need > {frame_len}")
 
 
-def _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds):
+def _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds,
+                       with_mfcc_stats=True):
     audio = ChunkedAudio(path, sample_rate, chunk_seconds)
     frame_len, frame_step = _frame_params(sample_rate)
     if vad == "original":
@@ -1044,7 +1161,7 @@ def _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fr
     total = sum(stop - start for start, stop in segments)
     if total <= frame_len or num_frames(total, frame_len, frame_step) < MIN_FRAMES:
         raise _too_short(path, total, vad, frame_len)
-    return _chunked_features(audio, segments, kind, sample_rate)
+    return _chunked_features(audio, segments, kind, sample_rate, with_mfcc_stats=with_mfcc_stats)
 
 
 def featurize_file(
@@ -1057,7 +1174,8 @@ def featurize_file(
     max_clipped_fraction: float | None = None,
     long_file_seconds: float = LONG_FILE_SECONDS,
     chunk_seconds: float = CHUNK_SECONDS,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_mfcc_stats: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """File -> (features (frames, 64) float32 of ``kind``, mfcc_stats vector): the one way to make model input.
 
     load_audio -> VAD (``vad``: ``original`` = trim_silence_original, ``energy`` = vad_energy) ->
@@ -1068,6 +1186,9 @@ def featurize_file(
     ``chunk_seconds``, never holding more than one chunk of audio: same features (bit-identical in tests), and
     the same mfcc_stats up to float rounding (merged per-chunk float64 sums instead of one mean and std).  Each
     pass over the chunks decodes the file again (4 passes with the ``original`` VAD, 3 with ``energy``).
+
+    ``with_mfcc_stats=False`` (the runtime, which only embeds): the same features, mfcc_stats None, and neither
+    their compute nor scipy's import (a cold start's ~0.3 s), nor the chunked path's extra pass.
 
     Raises:
         ValueError: unknown ``kind`` or ``vad`` (checked before decoding).
@@ -1082,9 +1203,10 @@ def featurize_file(
         if not chunked:
             y = decode(fh, path, sample_rate, min_seconds, max_clipped_fraction=max_clipped_fraction)
     if chunked:
-        return _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds)
+        return _featurize_chunked(path, kind, sample_rate, min_seconds, vad, max_clipped_fraction, chunk_seconds,
+                                  with_mfcc_stats=with_mfcc_stats)
     speech = _speech(y, path, sample_rate, vad)
-    return fn(speech, sample_rate=sample_rate), mfcc_stats(speech, sample_rate)
+    return fn(speech, sample_rate=sample_rate), (mfcc_stats(speech, sample_rate) if with_mfcc_stats else None)
 
 
 def _speech(y: np.ndarray, path, sample_rate: int, vad: str) -> np.ndarray:

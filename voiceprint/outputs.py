@@ -77,6 +77,18 @@ def write_csv(path: str | Path, frame) -> None:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
+def write_rows(path: str | Path, header: list[str], rows) -> None:
+    """A CSV of ``rows`` under ``header``, written atomically with the csv module: what the runtime's commands
+    write without pandas (a pipeline dependency whose 3.x needs numpy 2; the runtime installs next to numpy 1.26).
+    Floats are written in full (``repr``), so they read back exactly."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def software_versions() -> dict[str, str]:
     """Versions of what produced a result, written beside every metrics file (``versions_path``)."""
     import importlib.metadata as md

@@ -20,7 +20,13 @@ The graph reproduces :mod:`voiceprint.features` step by step:
   python_speech_features HTK filters, zero energies -> float64 eps, per-frame ``(v - mean) / max(std, 1e-12)``;
 * features rounded to float16 and back, as :meth:`voiceprint.api.Recognizer.features` does (the feature store
   keeps float16, so models are trained and calibrated on those values);
-* the model on the whole utterance (bundles with ``window_frames > 0`` are refused), then ``e / max(|e|, 1e-12)``.
+* the model on the whole utterance (bundles with ``window_frames > 0`` are refused), then ``e / max(|e|, 1e-12)``;
+* for a bundle with an MFCC-statistics branch (``stats_lda``, :mod:`voiceprint.stats_lda`), also
+  :func:`voiceprint.features.mfcc_stats` in the graph (centred 400-sample frames every 160, periodic Hann, |rfft|^2,
+  64 Slaney mels from 0 Hz, 10 log10 with the 80 dB floor below the utterance's maximum, orthonormal DCT-II to 20
+  coefficients, their means and population stds), its LDA projection and the joint vector
+  ``[sqrt(1 - w) unit(e), sqrt(w) unit(lda)]``: the output is then the bundle's embedding, as
+  :meth:`voiceprint.api.Recognizer.embed` returns it.
 
 Window, DFT and framing are one strided convolution whose kernel holds ``window * cos`` and ``window * sin`` of
 the NFFT-point DFT (the zero padding from frame_len to NFFT contributes nothing, so only frame_len rows exist);
@@ -143,6 +149,39 @@ def _frontend(settings, round_features: bool):
     return featurize
 
 
+def _mfcc_stats_frontend(sample_rate: int):
+    """:func:`voiceprint.features.mfcc_stats` as TF ops: pcm (B, N) -> (B, 40) [means, stds] of 20 MFCCs."""
+    import tensorflow as tf
+
+    from voiceprint import features as F
+
+    n_fft, hop, bins = F.MFCC_N_FFT, F.MFCC_HOP, F.MFCC_N_FFT // 2 + 1
+    n = np.arange(n_fft)[:, None]
+    angle = 2.0 * np.pi * ((n * np.arange(bins)[None, :]) % n_fft) / n_fft
+    window = F._hann(n_fft)[:, None]
+    dft = np.concatenate([window * np.cos(angle), -window * np.sin(angle)], axis=1).astype(np.float32)
+    bank = F._slaney_mel(sample_rate, n_fft, F.MFCC_BANDS, 0.0, sample_rate / 2).T.astype(np.float64)
+    filters = np.concatenate([bank, bank], axis=0).astype(np.float32)
+    dct = F._dct_ortho(F.MFCC_BANDS, 20).astype(np.float32)
+
+    def stats(pcm):
+        kernel, mel, cosines = tf.constant(dft[:, None, :]), tf.constant(filters), tf.constant(dct)
+        # librosa's centred frames: n_fft / 2 zeros before and after, 1 + N // hop frames
+        x = tf.pad(pcm, [[0, 0], [n_fft // 2, n_fft // 2]])
+        spectrum = tf.nn.conv1d(tf.expand_dims(x, 2), kernel, stride=hop, padding="VALID")
+        batch, frames = tf.shape(spectrum)[0], tf.shape(spectrum)[1]
+        power = tf.matmul(tf.reshape(tf.square(spectrum), [-1, 2 * bins]), mel)
+        db = 10.0 * tf.math.log(tf.maximum(power, 1e-10)) / np.float32(np.log(10.0))
+        db = tf.reshape(db, tf.stack([batch, frames, F.MFCC_BANDS]))
+        db = tf.maximum(db, tf.reduce_max(db, axis=[1, 2], keepdims=True) - F.MFCC_TOP_DB)
+        mfcc = tf.reshape(tf.matmul(tf.reshape(db, [-1, F.MFCC_BANDS]), cosines), tf.stack([batch, frames, 20]))
+        mean = tf.reduce_mean(mfcc, axis=1)
+        std = tf.sqrt(tf.reduce_mean(tf.square(mfcc - mean[:, None, :]), axis=1))
+        return tf.concat([mean, std], axis=1)
+
+    return stats
+
+
 def pcm_features_function(features, *, round_features: bool = False):
     """A ``tf.function`` pcm ``(batch, samples)`` -> the graph's features ``(batch, frames, bands)``: the front
     end alone, to compare with :mod:`voiceprint.features` (``features``: FeatureSettings or its dict)."""
@@ -156,30 +195,42 @@ def pcm_features_function(features, *, round_features: bool = False):
     return tf.function(_frontend(features, round_features), input_signature=[spec])
 
 
-def pcm_function(model, features, *, round_features: bool = True):
+def pcm_function(model, features, *, round_features: bool = True, stats_lda=None):
     """A ``tf.function`` pcm ``(batch, samples)`` float32 -> ``{"embedding": (batch, D)}`` (see module docstring).
 
     ``features``: a :class:`voiceprint.bundle.FeatureSettings` or its dict. ``round_features``: round the
     features to float16 and back, as the package does before its model (True matches
-    :class:`voiceprint.api.Recognizer`).
+    :class:`voiceprint.api.Recognizer`). ``stats_lda``: the bundle's statistics branch, joined in the graph.
     """
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, None], tf.float32, name=PCM_INPUT)
-    return tf.function(_embed_fn(model, features, round_features), input_signature=[spec])
+    return tf.function(_embed_fn(model, features, round_features, stats_lda), input_signature=[spec])
 
 
-def _embed_fn(model, features, round_features: bool):
+def _unit(x):
+    import tensorflow as tf
+
+    return x / tf.maximum(tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True)), STD_FLOOR)
+
+
+def _embed_fn(model, features, round_features: bool, stats_lda=None):
     """pcm_function's Python body (TF ops), for tf.function or a Keras ExportArchive endpoint."""
     import tensorflow as tf
 
     settings = _settings_of(model, features)
     featurize = _frontend(settings, round_features)
+    mfcc_stats = _mfcc_stats_frontend(settings.sample_rate) if stats_lda is not None else None
 
     def embed(pcm):
-        emb = model(tf.expand_dims(featurize(pcm), 3), training=False)
-        norm = tf.sqrt(tf.reduce_sum(tf.square(emb), axis=-1, keepdims=True))
-        return {OUTPUT_NAME: emb / tf.maximum(norm, STD_FLOOR)}
+        emb = _unit(model(tf.expand_dims(featurize(pcm), 3), training=False))
+        if stats_lda is not None:
+            mean = tf.constant(stats_lda.mean.astype(np.float32))
+            projection = tf.constant(stats_lda.projection.astype(np.float32))
+            lda = _unit(tf.matmul(mfcc_stats(pcm) - mean, projection))
+            emb = tf.concat([np.float32(np.sqrt(1.0 - stats_lda.weight)) * emb,
+                             np.float32(np.sqrt(stats_lda.weight)) * lda], axis=1)
+        return {OUTPUT_NAME: emb}
 
     return embed
 
@@ -195,8 +246,10 @@ def _output_path(path, what: str) -> Path:
     return path
 
 
-def export_pcm_onnx(model, features, path, *, opset: int = ONNX_OPSET, round_features: bool = True) -> Path:
-    """Write the PCM -> embedding graph of ``model`` with ``features`` (FeatureSettings or dict) as ONNX."""
+def export_pcm_onnx(model, features, path, *, opset: int = ONNX_OPSET, round_features: bool = True,
+                    stats_lda=None) -> Path:
+    """Write the PCM -> embedding graph of ``model`` with ``features`` (FeatureSettings or dict), and the bundle's
+    statistics branch ``stats_lda`` if any, as ONNX."""
     import tensorflow as tf
 
     try:
@@ -204,7 +257,7 @@ def export_pcm_onnx(model, features, path, *, opset: int = ONNX_OPSET, round_fea
     except ImportError as exc:
         raise ImportError("export_pcm_onnx needs tf2onnx (and onnx): pip install tf2onnx onnx") from exc
     path = _output_path(path, ".onnx")
-    fn = pcm_function(model, features, round_features=round_features)
+    fn = pcm_function(model, features, round_features=round_features, stats_lda=stats_lda)
     spec = [tf.TensorSpec([None, None], tf.float32, name=PCM_INPUT)]
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
     with atomic_path(path) as tmp:
@@ -212,14 +265,15 @@ def export_pcm_onnx(model, features, path, *, opset: int = ONNX_OPSET, round_fea
     return path
 
 
-def export_pcm_tflite(model, features, path, *, round_features: bool = True) -> Path:
-    """Write the PCM -> embedding graph as a float32 TFLite flatbuffer with builtin ops only."""
+def export_pcm_tflite(model, features, path, *, round_features: bool = True, stats_lda=None) -> Path:
+    """Write the PCM -> embedding graph (with the statistics branch ``stats_lda`` if any) as a float32 TFLite
+    flatbuffer with builtin ops only."""
     import tensorflow as tf
 
     import keras
 
     path = _output_path(path, ".tflite")
-    embed = _embed_fn(model, features, round_features)
+    embed = _embed_fn(model, features, round_features, stats_lda)
     # Through a SavedModel, as voiceprint.export.export_tflite: the converter then freezes the model's variables
     # into constants (from a concrete function it keeps them as resource variables the interpreter cannot read).
     archive = keras.export.ExportArchive()

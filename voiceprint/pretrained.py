@@ -8,6 +8,10 @@ used, so a damaged install fails with a clear "reinstall" message instead of giv
 Package a new one (after ``python -m voiceprint.params params-real.yaml | xargs dvc exp run``)::
 
     python -m voiceprint.pretrained models/voiceprint metrics/eval.json --trained-on "..."
+
+Give the shipped bundle a model.onnx (exported from its model.keras, checked, hashes in pretrained.json updated)::
+
+    python -m voiceprint.pretrained --add-onnx
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -86,10 +91,29 @@ def package(bundle: str | Path, eval_json: str | Path, out: str | Path, *, name:
     return manifest
 
 
+def add_onnx(directory: str | Path | None = None) -> dict:
+    """Add model.onnx to the shipped bundle (voiceprint.bundle.add_onnx) and rewrite ``pretrained.json``'s
+    sha256 list for the files now there; the rest of the manifest stays as it is."""
+    from voiceprint.bundle import add_onnx as add_to_bundle
+
+    directory = Path(shipped_model(directory))      # every file checked before anything changes
+    add_to_bundle(directory)
+    manifest = describe(directory)
+    manifest["sha256"] = {p.name: file_sha256(p) for p in sorted(directory.iterdir())
+                          if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m voiceprint.pretrained",
                                      description="package a trained bundle as the shipped pretrained model")
-    parser.add_argument("bundle", help="bundle directory written by the evaluate stage (models/voiceprint)")
+    if argv is None and sys.argv[1:2] == ["--add-onnx"] or argv is not None and argv[:1] == ["--add-onnx"]:
+        rest = (sys.argv[2:] if argv is None else argv[1:])
+        print(json.dumps(add_onnx(rest[0] if rest else None)["sha256"], indent=2))
+        return
+    parser.add_argument("bundle", help="bundle directory written by the evaluate stage (models/voiceprint); "
+                                       "or --add-onnx [DIR] to give the shipped bundle its model.onnx")
     parser.add_argument("eval_json", help="its metrics/eval.json")
     parser.add_argument("--out", default=None, help=f"default: {SHIPPED}")
     parser.add_argument("--name", default="real-speech")
