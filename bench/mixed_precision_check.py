@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 import voiceprint.training as training  # noqa: E402
 from voiceprint.distribute import Distribution  # noqa: E402
+from voiceprint.contracts import SoftmaxSettings, TripletSettings  # noqa: E402
 from voiceprint.losses import get_loss  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
 from voiceprint.store import FeatureStore, StoreWriter  # noqa: E402
@@ -107,16 +108,16 @@ def show_and_check(name: str, history: pd.DataFrame) -> None:
 def correctness(precision: str, seed: int = 3) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store, split = synthetic_inputs(Path(tmp) / "features")
-        softmax = dict(epochs=2, batch_size=32, lr=1e-3, seed=seed, verbose=0, **SMALL)
+        softmax = SoftmaxSettings(epochs=2, batch_size=32, lr=1e-3, seed=seed, **SMALL)
         keras.utils.set_random_seed(seed)
-        plain = training.train_softmax(store, split, distribution=distribution("float32"), **softmax)
+        plain = training.train_softmax(store, split, softmax, distribution=distribution("float32"), verbose=0)
         show_and_check("float32 softmax", plain.history)
         copies, make_copy = [], training._training_copy
         training._training_copy = lambda *args: copies.append(make_copy(*args)) or copies[-1]
         try:
             mixed = distribution(precision)
             keras.utils.set_random_seed(seed)
-            trained = training.train_softmax(store, split, distribution=mixed, **softmax)
+            trained = training.train_softmax(store, split, softmax, distribution=mixed, verbose=0)
             show_and_check(f"{precision} softmax", trained.history)
             check_trainer(copies[0], precision, "softmax")
             expect({layer.dtype_policy.name for layer in trained.model.layers} == {"float32"}
@@ -124,9 +125,11 @@ def correctness(precision: str, seed: int = 3) -> None:
                    "softmax: returned model all float32")
             expect(all(np.array_equal(a, b) for a, b in zip(trained.model.get_weights(), copies[0].get_weights())),
                    "softmax: returned weights equal the trainer's")
-            tuned = training.train_triplet(trained.model, store, split, alpha=0.1, epochs=1, steps_per_epoch=8,
-                                           speakers_per_batch=8, utterances_per_speaker=4, frames=SMALL["frames"],
-                                           lr=1e-3, seed=seed, distribution=mixed, verbose=0)
+            tuned = training.train_triplet(trained.model, store, split,
+                                           TripletSettings(alpha=0.1, epochs=1, steps_per_epoch=8,
+                                                           speakers_per_batch=8, utterances_per_speaker=4,
+                                                           frames=SMALL["frames"], lr=1e-3, seed=seed),
+                                           distribution=mixed, verbose=0)
             show_and_check(f"{precision} triplet", tuned.history)
             check_trainer(copies[1], precision, "triplet")
         finally:

@@ -8,6 +8,7 @@ Epoch times on a busy machine drift by more than the overhead; the direct write 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voiceprint.contracts import SoftmaxSettings  # noqa: E402
 from voiceprint.params import load_params  # noqa: E402
 from voiceprint.runtime import configure_tensorflow  # noqa: E402
 
@@ -26,11 +28,9 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=5, help="timed checkpoint writes (default 5)")
     args = parser.parse_args()
 
-    p = load_params().section("softmax")
-    model = dict(filters=p.int_list("filters", min=1), blocks=p.int("blocks", min=0),
-                 embedding_dim=p.int("embedding_dim", min=1), dropout=p.float("dropout", min=0.0, max=0.95))
-    fit = dict(frames=p.int("frames", min=16), batch_size=p.int("batch_size", min=2),
-               lr=p.float("lr", min=0.0, min_exclusive=True), seed=p.int("seed", min=0))
+    p = dataclasses.replace(SoftmaxSettings.read(load_params()), epochs=args.epochs)
+    model = dict(filters=p.filters, blocks=p.blocks, embedding_dim=p.embedding_dim, dropout=p.dropout)
+    fit = dict(frames=p.frames, batch_size=p.batch_size, lr=p.lr, seed=p.seed)
     configure_tensorflow(fit["seed"])
     import keras
 
@@ -53,7 +53,7 @@ def main() -> None:
             configure_tensorflow(fit["seed"])
             checkpoint = Checkpoint(Path(scratch) / label, "bench") if label == "with" else None
             start = time.perf_counter()
-            train_softmax(store, split, epochs=args.epochs, checkpoint=checkpoint, verbose=0, **model, **fit)
+            train_softmax(store, split, p, checkpoint=checkpoint, verbose=0)
             seconds[label] = time.perf_counter() - start
             print(f"{label:>7} checkpoint: {seconds[label]:7.1f} s for {args.epochs} epochs "
                   f"({seconds[label] / args.epochs:.1f} s/epoch, model build and tracing included)", flush=True)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from voiceprint.augment import AugmentSettings
 from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import load_params
+from voiceprint.params import Params, load_params
 from voiceprint.runtime import default_workers
 from voiceprint.stage import run_stage
 from voiceprint.store import META_FILE, StoreWriter
@@ -23,8 +23,13 @@ INPUTS = "data/model_inputs"
 OUT = "data/augmented"
 
 
+def read_settings(params: Params) -> AugmentSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return AugmentSettings.read(params)
+
+
 def main() -> None:
-    settings = AugmentSettings.from_section(load_params().section("augment"))
+    settings = read_settings(load_params())
     from voiceprint.augmented import make_copies, plan
     from voiceprint.splits import read_split
 

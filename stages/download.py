@@ -5,7 +5,8 @@ returns the manifest plus metrics of its own.
 """
 import pandas as pd
 
-from voiceprint.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, SOURCES, folder, librispeech, synthetic
+from voiceprint.contracts import DataSettings
+from voiceprint.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, folder, librispeech, synthetic
 from voiceprint.errors import DataError
 from voiceprint.outputs import atomic_path, write_metrics
 from voiceprint.params import Params, ParamsError, load_params
@@ -15,21 +16,17 @@ from voiceprint.stage import run_stage
 RAW = "data/raw"
 
 
-def build_synthetic(data: Params, raw, speakers: int | None = None) -> tuple[pd.DataFrame, dict]:
-    speakers = data.int("speakers", min=2) if speakers is None else speakers
-    per_speaker = data.int("utterances_per_speaker", min=2)
-    min_seconds = data.float("min_seconds", min=0.0, min_exclusive=True)
-    max_seconds = data.float("max_seconds", min=min_seconds)
-    seed = data.int("seed", min=0)
-    manifest = synthetic.generate(raw, num_speakers=speakers, utterances_per_speaker=per_speaker,
-                                  min_seconds=min_seconds, max_seconds=max_seconds, seed=seed,
+def build_synthetic(data: DataSettings, raw, speakers: int | None = None) -> tuple[pd.DataFrame, dict]:
+    speakers = data.speakers if speakers is None else speakers
+    manifest = synthetic.generate(raw, num_speakers=speakers, utterances_per_speaker=data.utterances_per_speaker,
+                                  min_seconds=data.min_seconds, max_seconds=data.max_seconds, seed=data.seed,
                                   workers=default_workers(), progress=True)
     return manifest, {}
 
 
-def build_librispeech(data: Params, raw) -> tuple[pd.DataFrame, dict]:
-    subsets = librispeech.check_subsets(data.str_list("subsets", choices=list(librispeech.SUBSETS)))
-    mirror = librispeech.check_mirror(data.str("mirror"))
+def build_librispeech(data: DataSettings, raw) -> tuple[pd.DataFrame, dict]:
+    subsets = librispeech.check_subsets(list(data.subsets))
+    mirror = librispeech.check_mirror(data.mirror)
     manifest, fetched = librispeech.prepare(raw, subsets, mirror=mirror)
     subset_of = manifest.path.str.split("/").str[1]
     per_subset = {}
@@ -49,10 +46,10 @@ def build_librispeech(data: Params, raw) -> tuple[pd.DataFrame, dict]:
                       "reused_bytes": sum(m["reused_bytes"] for m in per_subset.values())}
 
 
-def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
+def build_folder(data: DataSettings, raw) -> tuple[pd.DataFrame, dict]:
     """Recordings left where they are: data/raw holds the manifest (absolute paths, content hashes) and
     rejected.csv (every file found but not usable as a recording, with its reason)."""
-    source = data.str("folder")
+    source = data.folder
     if not source:
         raise DataError("params.yaml: data.folder: empty; set it to a folder of recordings or a CSV manifest "
                         "(path,speaker) for data.source=folder")
@@ -71,10 +68,10 @@ def build_folder(data: Params, raw) -> tuple[pd.DataFrame, dict]:
 BUILDERS = {"synthetic": build_synthetic, "librispeech": build_librispeech, "folder": build_folder}
 
 
-def add_synthetic(data: Params, source: str, raw, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+def add_synthetic(data: DataSettings, source: str, raw, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """``data.add_synthetic_speakers`` synthetic speakers beside a real source, namespaced "synthetic:<id>"
     (training-only; see voiceprint.corpus.ADDED_SEPARATOR)."""
-    extra = data.int("add_synthetic_speakers", min=0)
+    extra = data.add_synthetic_speakers
     if extra == 0:
         return manifest, {}
     if source == "synthetic":
@@ -90,9 +87,14 @@ def add_synthetic(data: Params, source: str, raw, manifest: pd.DataFrame) -> tup
     return pd.concat([manifest, added], ignore_index=True), {"added_synthetic_speakers": extra}
 
 
+def read_settings(params: Params) -> DataSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return DataSettings.read(params)
+
+
 def main() -> None:
-    data = load_params().section("data")
-    source = data.str("source", choices=SOURCES)
+    data = read_settings(load_params())
+    source = data.source
     with atomic_path(RAW) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         manifest, source_metrics = BUILDERS[source](data, tmp)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from voiceprint.contracts import FeatureSettings
 from voiceprint.errors import DataError
-from voiceprint.features import FEATURE_KINDS, VAD_KINDS, featurize_many
+from voiceprint.features import featurize_many
 from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import load_params
+from voiceprint.params import Params, load_params
 from voiceprint.runtime import default_workers
 from voiceprint.stage import run_stage
 from voiceprint.store import StoreWriter
@@ -24,12 +25,15 @@ SAMPLE_RATE = 16000
 MIN_UTTERANCES = 2  # per speaker: fewer cannot give a target trial or a training pair
 
 
+def read_settings(params: Params) -> FeatureSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return FeatureSettings.read(params)
+
+
 def main() -> None:
-    params = load_params().section("features")
-    kind = params.str("kind", choices=sorted(FEATURE_KINDS))
-    min_seconds = params.float("min_seconds", min=0.0)
-    vad = params.str("vad", choices=VAD_KINDS)
-    max_clipped_fraction = params.float("max_clipped_fraction", min=0.0, max=1.0)
+    settings = read_settings(load_params())
+    kind, min_seconds, vad = settings.kind, settings.min_seconds, settings.vad
+    max_clipped_fraction = settings.max_clipped_fraction
     # Names as written (a speaker "NA" stays "NA"); a duration left empty (unreadable header) is NaN.
     manifest = pd.read_csv(RAW / "manifest.csv", dtype={"speaker": str, "utterance": str, "path": str},
                            keep_default_na=False)

@@ -1,8 +1,9 @@
 """Stage model_inputs: speaker-disjoint split, validation hold-out and the trial list (model_inputs.* params)."""
 import pandas as pd
 
+from voiceprint.contracts import ModelInputsSettings
 from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import load_params
+from voiceprint.params import Params, load_params
 from voiceprint.splits import make_trials, split_utterances
 from voiceprint.stage import run_stage
 
@@ -10,16 +11,17 @@ INDEX = "data/features/index.csv"
 OUT = "data/model_inputs"
 
 
+def read_settings(params: Params) -> ModelInputsSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return ModelInputsSettings.read(params)
+
+
 def main() -> None:
-    params = load_params().section("model_inputs")
-    eval_speakers = params.int("eval_speakers", min=1)
-    validation_fraction = params.float("validation_fraction", min=0.0, max=0.5)
-    max_nontarget = params.int("max_nontarget_trials", min=1)
-    seed = params.int("seed", min=0)
+    p = read_settings(load_params())
     index = pd.read_csv(INDEX, dtype={"utterance": str, "speaker": str})
-    split = split_utterances(index, eval_speakers=eval_speakers, validation_fraction=validation_fraction,
-                             seed=seed)
-    trials = make_trials(split, max_nontarget=max_nontarget, seed=seed)
+    split = split_utterances(index, eval_speakers=p.eval_speakers, validation_fraction=p.validation_fraction,
+                             seed=p.seed)
+    trials = make_trials(split, max_nontarget=p.max_nontarget_trials, seed=p.seed)
     with atomic_path(OUT) as tmp:
         tmp.mkdir()
         split.to_csv(tmp / "utterances.csv", index=False, lineterminator="\n")

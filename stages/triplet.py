@@ -1,36 +1,34 @@
 """Stage triplet: fine-tune the softmax model with the triplet loss on cosine similarity (triplet.* and train.*
 params)."""
+import dataclasses
 from pathlib import Path
 
 from voiceprint.checkpoint import init_checkpoint_path
-from voiceprint.distribute import STRATEGIES
+from voiceprint.contracts import TrainSettings, TripletSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.live import live_dir
-from voiceprint.params import load_params
+from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
 
 SOFTMAX_MODEL = "models/softmax.keras"
 
 
+def read_settings(params: Params) -> tuple[TripletSettings, TrainSettings]:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return TripletSettings.read(params), TrainSettings.read(params)
+
+
 def main() -> None:
-    params = load_params()
-    p = params.section("triplet")
-    args = dict(alpha=p.float("alpha", min=0.0, max=2.0), epochs=p.int("epochs", min=0),
-                steps_per_epoch=p.int("steps_per_epoch", min=1),
-                speakers_per_batch=p.int("speakers_per_batch", min=2),
-                utterances_per_speaker=p.int("utterances_per_speaker", min=2), frames=p.int("frames", min=16),
-                lr=p.float("lr", min=0.0, min_exclusive=True), seed=p.int("seed", min=0))
-    init = init_checkpoint_path(p.str("init_checkpoint"), "triplet.init_checkpoint")
-    t = params.section("train")
-    strategy, mixed_precision = t.str("strategy", choices=STRATEGIES), t.bool("mixed_precision")
-    configure_tensorflow(args["seed"])
+    settings, train = read_settings(load_params())
+    init = init_checkpoint_path(settings.init_checkpoint, "triplet.init_checkpoint")
+    configure_tensorflow(settings.seed)
     from voiceprint import resume
     from voiceprint.distribute import make_distribution
     from voiceprint.splits import existing, training_inputs
     from voiceprint.training import train_triplet
 
-    distribution = make_distribution(strategy, mixed_precision=mixed_precision)   # before any other TF op
+    distribution = make_distribution(train.strategy, mixed_precision=train.mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     if init is None:
         model = load_model(SOFTMAX_MODEL, what="softmax model")
@@ -41,20 +39,20 @@ def main() -> None:
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)
         print(import_original_weights(model, init).summary())
     checkpoint = None
-    if args["epochs"]:      # epochs 0 trains nothing: nothing to resume
+    if settings.epochs:      # epochs 0 trains nothing: nothing to resume
         checkpoint = resume.stage_checkpoint(
-            "triplet", {**args, "init_checkpoint": init},
+            "triplet", {**dataclasses.asdict(settings), "init_checkpoint": init},
             ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
              Path(__file__)], distribution)
-    trained = train_triplet(model, store, split, distribution=distribution, checkpoint=checkpoint,
-                            live_dir=live_dir("triplet"), **args)
+    trained = train_triplet(model, store, split, settings, distribution=distribution, checkpoint=checkpoint,
+                            live_dir=live_dir("triplet"))
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
     save_keras_model(trained.model, "models/triplet.keras")
     write_csv("plots/triplet.csv", trained.history)
     last = trained.history.iloc[-1] if len(trained.history) else {}
     write_metrics("metrics/triplet.json", {
-        "epochs": len(trained.history), "steps": len(trained.history) * args["steps_per_epoch"],
+        "epochs": len(trained.history), "steps": len(trained.history) * settings.steps_per_epoch,
         "train_loss": last.get("loss"), "val_loss": last.get("val_loss")})
     if checkpoint is not None:
         checkpoint.remove()     # the outputs are written: the checkpoint has served its purpose

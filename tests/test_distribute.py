@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.test_resume import stage_env, write_stage_params, write_tiny_inputs
+from voiceprint.contracts import SoftmaxSettings
 from voiceprint.distribute import Distribution, cpu_flags, is_chief, make_distribution, read_tf_config, resolve_precision
 from voiceprint.runtime import configure_tensorflow
 
@@ -81,9 +82,10 @@ def test_mixed_precision_trains_half_convolutions_and_saves_a_float32_model(tmp_
     copies, make_copy = [], training._training_copy
     monkeypatch.setattr(training, "_training_copy", lambda *args: copies.append(make_copy(*args)) or copies[-1])
     mixed = Distribution(tf.distribute.get_strategy(), "auto", precision)
-    trained = training.train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=3, verbose=0,
-                                     distribution=mixed, filters=[4, 8, 8, 8], blocks=1, embedding_dim=8,
-                                     frames=32, dropout=0.1)
+    trained = training.train_softmax(store, split, SoftmaxSettings(epochs=1, batch_size=4, lr=1e-3, seed=3,
+                                                                   filters=[4, 8, 8, 8], blocks=1, embedding_dim=8,
+                                                                   frames=32, dropout=0.1),
+                                     verbose=0, distribution=mixed)
     trainer = copies[0]
     policies = {layer.name: layer.dtype_policy.name for layer in trainer.layers}
     assert policies["conv4-s1"] == policies["res1_0_branch_2a_bn"] == precision
@@ -106,20 +108,21 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from voiceprint.runtime import configure_tensorflow
     from voiceprint.splits import read_split
     from voiceprint.store import FeatureStore
+    from voiceprint.contracts import SoftmaxSettings, TripletSettings
     from voiceprint.training import train_softmax, train_triplet
 
-    softmax, triplet = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    softmax, triplet = SoftmaxSettings(**json.loads(sys.argv[1])), TripletSettings(**json.loads(sys.argv[2]))
     store = FeatureStore.open("data/features")
     split, _ = read_split("data/model_inputs")
     curves = {}
     for strategy in ("auto", "mirrored"):
         configure_tensorflow(5)
         distribution = make_distribution(strategy)
-        pretrained = train_softmax(store, split, distribution=distribution, verbose=0, **softmax)
+        pretrained = train_softmax(store, split, softmax, distribution=distribution, verbose=0)
         if strategy == "auto":      # the triplet stage of both starts from the same weights
             start = pretrained.model.get_weights()
         pretrained.model.set_weights(start)
-        tuned = train_triplet(pretrained.model, store, split, distribution=distribution, verbose=0, **triplet)
+        tuned = train_triplet(pretrained.model, store, split, triplet, distribution=distribution, verbose=0)
         curves[strategy] = {"replicas": distribution.replicas, "softmax": pretrained.history.to_dict("list"),
                             "triplet": tuned.history.to_dict("list")}
     print("CURVES" + json.dumps(curves))
@@ -200,7 +203,7 @@ def test_two_workers_on_localhost_train_and_only_the_chief_writes(tmp_path):
     from voiceprint.training import train_softmax
 
     configure_tensorflow(5)
-    one_device = train_softmax(store, split, lr=1e-3, verbose=0, **softmax).history
+    one_device = train_softmax(store, split, SoftmaxSettings(lr=1e-3, **softmax), verbose=0).history
     np.testing.assert_allclose(history.loss, one_device.loss, rtol=2e-3)     # as mirrored vs one device
 
     (worker / "models").mkdir()
@@ -236,9 +239,9 @@ def test_on_a_gpu_mixed_precision_trains_and_saves_float32(tmp_path):
     configure_tensorflow(3)
     distribution = make_distribution("auto", mixed_precision=True)
     assert distribution.precision == "mixed_float16"
-    trained = train_softmax(store, split, epochs=2, batch_size=4, lr=1e-3, seed=3, verbose=0,
-                            distribution=distribution, filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32,
-                            dropout=0.1)
+    trained = train_softmax(store, split, SoftmaxSettings(epochs=2, batch_size=4, lr=1e-3, seed=3,
+                                                          filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32,
+                                                          dropout=0.1), verbose=0, distribution=distribution)
     assert np.isfinite(trained.history.loss).all()
     assert {layer.dtype_policy.name for layer in trained.model.layers} == {"float32"}
     assert make_distribution("mirrored").replicas == _gpus()

@@ -72,6 +72,7 @@ class _Watching(Checkpoint):
 
 def test_training_writes_each_epoch_to_the_live_log_while_it_runs(tmp_path):
     from tests.test_resume import TINY_MODEL, write_tiny_inputs
+    from voiceprint.contracts import SoftmaxSettings
     from voiceprint.runtime import configure_tensorflow
     from voiceprint.training import train_softmax
 
@@ -79,8 +80,8 @@ def test_training_writes_each_epoch_to_the_live_log_while_it_runs(tmp_path):
     live_dir = tmp_path / "dvclive" / "softmax"
     checkpoint = _Watching(tmp_path / "checkpoint", live_dir)
     configure_tensorflow(3)
-    trained = train_softmax(store, split, epochs=3, batch_size=4, lr=1e-3, seed=3, verbose=0, checkpoint=checkpoint,
-                            live_dir=live_dir, **TINY_MODEL)
+    trained = train_softmax(store, split, SoftmaxSettings(epochs=3, batch_size=4, lr=1e-3, seed=3, **TINY_MODEL),
+                            verbose=0, checkpoint=checkpoint, live_dir=live_dir)
     # When epoch n's checkpoint is saved, steps 0 .. n-2 (epochs 1 .. n-1) are already on disk.
     assert checkpoint.seen == [(1, []), (2, [0]), (3, [0, 1])]
     assert [v for _, v in _tsv(live_dir, "loss")] == trained.history["loss"].tolist()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from voiceprint.contracts import SoftmaxSettings, TripletSettings
 from voiceprint.resume import CHECKPOINT_FILE, CHECKPOINT_ROOT, Checkpoint, Snapshot, enabled, fingerprint, \
     stage_checkpoint
 from voiceprint.runtime import configure_tensorflow
@@ -177,29 +178,30 @@ def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeyp
     from voiceprint.training import _train_counter, train_softmax
 
     store, split = tiny
-    settings = dict(epochs=3, batch_size=4, lr=1e-3, seed=5, verbose=0, **TINY_MODEL)
+    settings = SoftmaxSettings(epochs=3, batch_size=4, lr=1e-3, seed=5, **TINY_MODEL)
     configure_tensorflow(5)
-    straight = train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "straight", "f"), **settings)
+    straight = train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "straight", "f"),
+                            verbose=0)
     assert _saved_epoch(tmp_path / "straight") == 3
 
     # dies while reading batch 1 of the second epoch (index 1): the checkpoint holds epoch 1
     _fail_at(monkeypatch, ClassificationBatches, counter=_train_counter(1), batch=1, seed=5)
     configure_tensorflow(5)
     with pytest.raises(Exception, match="injected interruption"):
-        train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "killed", "f"), **settings)
+        train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "killed", "f"), verbose=0)
     assert _saved_epoch(tmp_path / "killed") == 1
     monkeypatch.undo()
 
     caplog.clear()
     configure_tensorflow(5)
-    resumed = train_softmax(store, split, checkpoint=Checkpoint(tmp_path / "killed", "f"), **settings)
+    resumed = train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "killed", "f"), verbose=0)
     assert "1 epoch(s) done" in _said(caplog)
     assert _weights(resumed.model) == _weights(straight.model)
     pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
 
     # no checkpoint at all: the same run as before resume existed
     configure_tensorflow(5)
-    plain = train_softmax(store, split, **settings)
+    plain = train_softmax(store, split, settings, verbose=0)
     assert _weights(plain.model) == _weights(straight.model)
     pd.testing.assert_frame_equal(plain.history, straight.history, check_exact=True)
 
@@ -211,15 +213,17 @@ def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tm
 
     store, split = tiny
     configure_tensorflow(1)
-    base = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=1, verbose=0, **TINY_MODEL).model
+    base = train_softmax(store, split, SoftmaxSettings(epochs=1, batch_size=4, lr=1e-3, seed=1, **TINY_MODEL),
+                         verbose=0).model
     start = base.get_weights()
-    settings = dict(alpha=0.5, epochs=3, steps_per_epoch=3, speakers_per_batch=2, utterances_per_speaker=2,
-                    frames=32, lr=1e-3, seed=7, verbose=0)
+    settings = TripletSettings(alpha=0.5, epochs=3, steps_per_epoch=3, speakers_per_batch=2, utterances_per_speaker=2,
+                               frames=32, lr=1e-3, seed=7)
 
     def run(directory, fingerprint_value="f"):
         base.set_weights(start)
         configure_tensorflow(7)
-        return train_triplet(base, store, split, checkpoint=Checkpoint(directory, fingerprint_value), **settings)
+        return train_triplet(base, store, split, settings, checkpoint=Checkpoint(directory, fingerprint_value),
+                             verbose=0)
 
     straight = run(tmp_path / "straight")
     straight_weights = _weights(straight.model)

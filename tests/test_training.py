@@ -1,8 +1,11 @@
 """Training loops on a tiny random feature store: they run, report per-epoch history, and are reproducible."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
 from voiceprint.runtime import configure_tensorflow
 from voiceprint.store import FeatureStore, StoreWriter
 
@@ -38,13 +41,15 @@ def test_softmax_training_is_reproducible(tiny):
     runs = []
     for _ in range(2):
         configure_tensorflow(5)
-        runs.append(train_softmax(store, split, epochs=2, batch_size=4, lr=1e-3, seed=5, verbose=0, **TINY_MODEL))
+        runs.append(train_softmax(store, split, SoftmaxSettings(epochs=2, batch_size=4, lr=1e-3, seed=5, **TINY_MODEL),
+                                  verbose=0))
     assert _weights(runs[0].model) == _weights(runs[1].model)
     history = runs[0].history
     assert list(history.epoch) == [1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history.columns)
     configure_tensorflow(6)
-    other = train_softmax(store, split, epochs=2, batch_size=4, lr=1e-3, seed=6, verbose=0, **TINY_MODEL)
+    other = train_softmax(store, split, SoftmaxSettings(epochs=2, batch_size=4, lr=1e-3, seed=6, **TINY_MODEL),
+                          verbose=0)
     assert _weights(other.model) != _weights(runs[0].model)
 
 
@@ -53,19 +58,21 @@ def test_triplet_and_head_training(tiny):
 
     store, split = tiny
     configure_tensorflow(1)
-    base = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=1, verbose=0, **TINY_MODEL).model
+    base = train_softmax(store, split, SoftmaxSettings(epochs=1, batch_size=4, lr=1e-3, seed=1, **TINY_MODEL),
+                         verbose=0).model
     before = _weights(base)
-    trained = train_triplet(base, store, split, alpha=0.5, epochs=2, steps_per_epoch=3, speakers_per_batch=3,
-                            utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
+    triplet = TripletSettings(alpha=0.5, epochs=2, steps_per_epoch=3, speakers_per_batch=3, utterances_per_speaker=2,
+                              frames=32, lr=1e-3, seed=1)
+    trained = train_triplet(base, store, split, triplet, verbose=0)
     assert _weights(trained.model) != before
     assert list(trained.history.columns[:2]) == ["epoch", "loss"]
-    same = train_triplet(trained.model, store, split, alpha=0.5, epochs=0, steps_per_epoch=3,
-                         speakers_per_batch=3, utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
+    same = train_triplet(trained.model, store, split, dataclasses.replace(triplet, epochs=0), verbose=0)
     assert same.model is trained.model and len(same.history) == 0     # epochs=0: evaluate as it is
     frozen = _weights(trained.model)
     for kind in ("dense", "frame"):
         for loss in ("softmax", "aam_softmax", "triplet"):
-            head = train_head(trained.model, store, split, epochs=2, loss=loss, kind=kind, **HEAD)
+            head = train_head(trained.model, store, split, HeadSettings(epochs=2, loss=loss, kind=kind, **HEAD),
+                              verbose=0)
             out = head.model.predict(np.zeros((2, 40, 64, 1), "float32"), verbose=0)
             assert out.shape == (2, 4)
             np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
@@ -75,9 +82,9 @@ def test_triplet_and_head_training(tiny):
     assert _weights(trained.model) == frozen
 
 
-HEAD = dict(units=8, layers_count=1, dropout=0.1, output_dim=4, contexts=[[-1, 0, 1], [0]], lr=1e-3,
+HEAD = dict(units=8, layers=1, dropout=0.1, output_dim=4, contexts=[[-1, 0, 1], [0]], lr=1e-3,
             batch_size=8, crops_per_utterance=2, utterances_per_speaker=2, frames=32, alpha=0.2, margin=0.2,
-            scale=10.0, train_trunk=False, trunk_lr=1e-4, seed=1, verbose=0)
+            scale=10.0, train_trunk=False, trunk_lr=1e-4, seed=1)
 
 
 def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny):
@@ -85,17 +92,19 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
 
     store, split = tiny
     configure_tensorflow(2)
-    base = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-3, seed=2, verbose=0, **TINY_MODEL).model
+    base = train_softmax(store, split, SoftmaxSettings(epochs=1, batch_size=4, lr=1e-3, seed=2, **TINY_MODEL),
+                         verbose=0).model
     runs = []
     for _ in range(2):
         configure_tensorflow(2)
-        runs.append(train_head(base, store, split, kind="frame", loss="aam_softmax", epochs=2, **HEAD))
+        runs.append(train_head(base, store, split, HeadSettings(kind="frame", loss="aam_softmax", epochs=2, **HEAD),
+                               verbose=0))
     assert _weights(runs[0].head) == _weights(runs[1].head)
     pd.testing.assert_frame_equal(runs[0].history, runs[1].history)
 
     base_weights = _weights(base)
-    joint = train_head(base, store, split, kind="dense", loss="softmax", epochs=1,
-                       **{**HEAD, "train_trunk": True})
+    joint = train_head(base, store, split, HeadSettings(kind="dense", loss="softmax", epochs=1,
+                                                        **{**HEAD, "train_trunk": True}), verbose=0)
     trunk = joint.model.get_layer("rescnn")
     assert trunk is not base and _weights(trunk) != base_weights    # a copy of the trunk trained jointly ...
     assert not trunk.trainable                                      # ... and is frozen again in the result
@@ -113,8 +122,8 @@ def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
     for w in source.weights:
         w.assign(np.random.default_rng(0).normal(size=w.shape).astype("float32") * 0.1 + (w.name == "moving_variance"))
     export_original_weights(source, tmp_path / "init.h5")
-    trained = train_softmax(store, split, epochs=1, batch_size=4, lr=1e-12, seed=3, verbose=0,
-                            init_checkpoint=tmp_path / "init.h5", **TINY_MODEL)
+    trained = train_softmax(store, split, SoftmaxSettings(epochs=1, batch_size=4, lr=1e-12, seed=3, **TINY_MODEL),
+                            verbose=0, init_checkpoint=tmp_path / "init.h5")
     kernel = trained.model.get_layer("affine").kernel
     np.testing.assert_allclose(np.asarray(kernel), np.asarray(source.get_layer("affine").kernel), atol=1e-6)
 
@@ -163,8 +172,9 @@ def test_triplet_validation_batches_are_fixed_across_epochs(tiny, monkeypatch):
     monkeypatch.setattr(T, "_fit", fit)
     configure_tensorflow(1)
     model, _ = T.build_rescnn(filters=TINY_MODEL["filters"], blocks=1, embedding_dim=8, num_bands=64)
-    T.train_triplet(model, store, split, alpha=0.5, epochs=2, steps_per_epoch=5, speakers_per_batch=2,
-                    utterances_per_speaker=2, frames=32, lr=1e-3, seed=1, verbose=0)
+    T.train_triplet(model, store, split, TripletSettings(alpha=0.5, epochs=2, steps_per_epoch=5, speakers_per_batch=2,
+                                                         utterances_per_speaker=2, frames=32, lr=1e-3, seed=1),
+                    verbose=0)
     val, train = seen["val"], seen["train"]
     first = T._at_counter(val, T._validation_counter(0))[0]
     second = T._at_counter(val, T._validation_counter(1))[0]
@@ -190,11 +200,12 @@ def test_aam_softmax_pretraining_trains_a_cosine_classifier(tiny):
         masked.append(len(crops))
         return crops
 
-    trained = train_softmax(store, split, **TINY_MODEL, epochs=3, batch_size=8, lr=0.01, seed=1,
-                            loss="aam_softmax", margin=0.1, scale=10.0, lr_schedule="cosine", crop_transform=mask,
-                            verbose=0)
+    trained = train_softmax(store, split, SoftmaxSettings(**TINY_MODEL, epochs=3, batch_size=8, lr=0.01, seed=1,
+                                                          loss="aam_softmax", margin=0.1, scale=10.0,
+                                                          lr_schedule="cosine"), crop_transform=mask, verbose=0)
     assert len(trained.history) == 3 and np.isfinite(trained.history.loss).all()
     assert trained.history.loss.iloc[-1] < trained.history.loss.iloc[0]
     assert sum(masked) >= 3 * int((split.role == "train").sum())     # every training crop went through it
     with pytest.raises(ValueError, match="learning-rate schedule"):
-        train_softmax(store, split, **TINY_MODEL, epochs=1, batch_size=8, lr=0.01, seed=1, lr_schedule="steps")
+        train_softmax(store, split, SoftmaxSettings(**TINY_MODEL, epochs=1, batch_size=8, lr=0.01, seed=1,
+                                                    lr_schedule="steps"))

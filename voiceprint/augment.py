@@ -17,11 +17,13 @@ clipped.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import soxr
 from scipy.signal import fftconvolve
+
+from voiceprint.params import Contract, setting
 
 SAMPLE_RATE = 16000
 COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0}   # PSD ~ 1/f**alpha
@@ -209,33 +211,24 @@ def mask_spectrogram(features: np.ndarray, rng: np.random.Generator, time_masks:
 
 
 @dataclass(frozen=True)
-class AugmentSettings:
+class AugmentSettings(Contract):
     """The augmented copies of one run (params.yaml ``augment:``, read by the augment stage); the defaults make
     none."""
-    speed_perturb: bool = False                  # add 0.9x and 1.1x copies of each training speaker as new speakers
-    copies: int = 0                              # extra augmented copies per training utterance
-    kinds: tuple[str, ...] = KINDS               # each copy gets one of these, chosen at random
-    snr_db: tuple[float, float] = (5.0, 20.0)    # noise and babble SNR, uniform
-    babble_talkers: tuple[int, int] = (3, 6)
-    rt60: tuple[float, float] = (0.2, 0.8)       # seconds, uniform
-    seed: int = 11
+    section = "augment"
+    speed_perturb: bool = setting(False, "add 0.9x and 1.1x speed copies of each training speaker as new speakers")
+    copies: int = setting(0, "extra augmented copies per training utterance", min=0)
+    kinds: tuple[str, ...] = setting(KINDS, "each copy gets one of these, chosen at random", choices=KINDS)
+    snr_db: tuple[float, float] = setting((5.0, 20.0), "noise and babble SNR range, dB (uniform)", min=-20.0,
+                                          max=60.0)
+    babble_talkers: tuple[int, int] = setting((3, 6), "talkers summed into babble (uniform)", min=1)
+    rt60: tuple[float, float] = setting((0.2, 0.8), "reverberation time range, seconds (uniform)", min=0.05,
+                                        max=3.0)
+    seed: int = setting(11, "with the utterance id, seeds each utterance's copies (rng_for)")
 
-    @classmethod
-    def from_section(cls, section) -> "AugmentSettings":
-        """From a :class:`voiceprint.params.Params` section; errors name the key (``augment.kinds: ...``)."""
-        kinds = section.str_list("kinds", choices=KINDS)
-        copies = section.int("copies", min=0)
-        if copies > 0 and not kinds:
-            raise section.error("kinds", f"empty, but copies is {copies}")
-        return cls(
-            speed_perturb=section.bool("speed_perturb"),
-            copies=copies,
-            kinds=tuple(dict.fromkeys(kinds)),
-            snr_db=section.range("snr_db", min=-20.0, max=60.0),
-            babble_talkers=section.range("babble_talkers", integer=True, min=1),
-            rt60=section.range("rt60", min=0.05, max=3.0),
-            seed=section.int("seed"),
-        )
+    def validate(self, section) -> "AugmentSettings":
+        if self.copies > 0 and not self.kinds:
+            raise section.error("kinds", f"empty, but copies is {self.copies}")
+        return replace(self, kinds=tuple(dict.fromkeys(self.kinds)))
 
     @property
     def speed_factors(self) -> tuple[float, ...]:
@@ -244,20 +237,14 @@ class AugmentSettings:
 
 
 @dataclass(frozen=True)
-class MaskSettings:
+class MaskSettings(Contract):
     """SpecAugment on the training crops (params.yaml ``augment.*_mask*``, read by the softmax stage); the
     defaults mask nothing."""
-    time_masks: int = 0
-    time_mask_frames: int = 20
-    freq_masks: int = 0
-    freq_mask_bands: int = 8
-
-    @classmethod
-    def from_section(cls, section) -> "MaskSettings":
-        return cls(time_masks=section.int("time_masks", min=0),
-                   time_mask_frames=section.int("time_mask_frames", min=1),
-                   freq_masks=section.int("freq_masks", min=0),
-                   freq_mask_bands=section.int("freq_mask_bands", min=1))
+    section = "augment"
+    time_masks: int = setting(0, "SpecAugment time masks per training crop", min=0)
+    time_mask_frames: int = setting(20, "each time mask 0..this many frames wide", min=1)
+    freq_masks: int = setting(0, "frequency masks per training crop", min=0)
+    freq_mask_bands: int = setting(8, "each frequency mask 0..this many bands wide", min=1)
 
     @property
     def masking(self) -> bool:

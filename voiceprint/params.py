@@ -3,13 +3,20 @@
 Stages read their section through :class:`Params`, which fails at once with a message naming the dotted key
 (``softmax.epochs: expected an integer >= 1, got 'ten'``) instead of failing deep inside training.
 Values are never evaluated, only type-checked.
+
+A section's keys are declared once, as a :class:`Contract`: a frozen dataclass whose fields are the keys, each
+made with :func:`setting` (default, one-line help, bounds or choices). ``Contract.read(params)`` reads and
+checks every key through the getters below, so the errors are theirs (voiceprint/contracts.py holds the stages'
+contracts).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import yaml
 
@@ -56,10 +63,11 @@ def _check_known_keys(path: Path, data: dict) -> None:
 class Params:
     """A read-only view of one params mapping; every getter validates and names the dotted key on error."""
 
-    def __init__(self, data: dict, prefix: str = "", source: str = "params.yaml"):
+    def __init__(self, data: dict, prefix: str = "", source: str = "params.yaml", reads: set | None = None):
         self._data = data
         self._prefix = prefix
         self._source = source
+        self._reads = reads     # when a set: every dotted key read is added to it (tests: declared = read)
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}{name}"
@@ -72,12 +80,16 @@ class Params:
         return self._fail(name, why)
 
     def section(self, name: str) -> "Params":
-        value = self._get(name)
+        if name not in self._data:
+            raise self._fail(name, "missing")
+        value = self._data[name]
         if not isinstance(value, dict):
             raise self._fail(name, f"expected a section (mapping), got {value!r}")
-        return Params(value, prefix=self._key(name) + ".", source=self._source)
+        return Params(value, prefix=self._key(name) + ".", source=self._source, reads=self._reads)
 
     def _get(self, name: str, default: Any = ...) -> Any:
+        if self._reads is not None:
+            self._reads.add(self._key(name))
         if name not in self._data:
             if default is ...:
                 raise self._fail(name, "missing")
@@ -152,6 +164,15 @@ class Params:
                 raise self._fail(name, f"unknown value(s) {bad}; valid: {', '.join(choices)}")
         return list(value)
 
+    def mapping(self, name: str) -> dict:
+        """A mapping of names to values (e.g. a loss's own settings), passed through as it is."""
+        value = self._get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or any(not isinstance(k, str) for k in value):
+            raise self._fail(name, f"expected a mapping of names to values, e.g. {{gamma: 2.0}}, got {value!r}")
+        return dict(value)
+
     def range(self, name: str, *, integer: bool = False, min: float | None = None,
               max: float | None = None) -> tuple:
         """A ``[low, high]`` pair with low <= high (a single number means low == high), e.g. an SNR range."""
@@ -172,6 +193,79 @@ class Params:
             raise self._fail(name, f"must be >= {lo}, got {value}")
         if hi is not None and value > hi:
             raise self._fail(name, f"must be <= {hi}, got {value}")
+
+
+def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+            min_exclusive: bool = False, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+            min_len: int = 1, check: Callable | None = None) -> Any:
+    """A :class:`Contract` field: the key's default, its one-line help and the checks its getter applies.
+    ``choices`` may be a function returning them (a registry read when the contract is read, so a loss or head
+    registered later is a valid choice); ``check(item)`` may raise ValueError for an item of a list of lists."""
+    factory = (lambda: dict(default)) if isinstance(default, dict) else None
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices,
+                "min_len": min_len, "check": check}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _read_value(section: Params, name: str, kind, spec: dict):
+    lo, hi = spec["min"], spec["max"]
+    choices = spec["choices"]() if callable(spec["choices"]) else spec["choices"]
+    if kind is bool:
+        return section.bool(name)
+    if kind is int:
+        return section.int(name, min=lo, max=hi)
+    if kind is float:
+        return section.float(name, min=lo, max=hi, min_exclusive=spec["min_exclusive"])
+    if kind is str:
+        return section.str(name, choices=choices)
+    if kind == tuple[int, ...]:
+        return tuple(section.int_list(name, min_len=spec["min_len"], min=lo))
+    if kind == tuple[str, ...]:
+        return tuple(section.str_list(name, choices=choices))
+    if kind == tuple[tuple[int, ...], ...]:
+        return tuple(tuple(item) for item in section.int_lists(name, check=spec["check"]))
+    if kind == tuple[float, float]:
+        return section.range(name, min=lo, max=hi)
+    if kind == tuple[int, int]:
+        return section.range(name, integer=True, min=lo, max=hi)
+    if kind == dict[str, Any]:
+        return section.mapping(name)
+    raise TypeError(f"contract key {name}: no getter for type {kind}")
+
+
+class Contract:
+    """Base of a section's contract: subclass as a frozen dataclass with ``section = "name"`` and fields made
+    by :func:`setting`. Field names are the keys of the section; a contract may read part of a section (the
+    ``augment`` section holds two)."""
+    section: ClassVar[str]
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The dotted params keys this contract reads, as dvc.yaml lists them."""
+        return [f"{cls.section}.{f.name}" for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f"{cls.section}.{f.name}": f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def read(cls, params: Params):
+        """This contract's section of ``params`` (a whole params file), every key checked."""
+        return cls.from_section(params.section(cls.section))
+
+    @classmethod
+    def from_section(cls, section: Params):
+        hints = typing.get_type_hints(cls)
+        values = {f.name: _read_value(section, f.name, hints[f.name], f.metadata)
+                  for f in dataclasses.fields(cls)}
+        return cls(**values).validate(section)
+
+    def validate(self, section: Params) -> "Contract":
+        """Checks across keys (``raise section.error(key, why)``), after the types and bounds; returns the
+        settings (or a normalised copy, e.g. without duplicates)."""
+        return self
 
 
 def preset_assignments(preset: str | Path, base: str | Path = "params.yaml") -> list[str]:

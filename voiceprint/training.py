@@ -18,11 +18,12 @@ import pandas as pd
 
 from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatches, VectorSpeakerBatches
 from voiceprint.checkpoint import import_original_weights
+from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
 from voiceprint.errors import DataError
 from voiceprint.live import EpochLog
-from voiceprint.losses import CLASSIFICATION, get_loss, output_layer
+from voiceprint.losses import get_loss, is_classification, output_layer
 from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
 from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
 from voiceprint.store import FeatureStore
@@ -41,13 +42,12 @@ def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
     return store.position(rows.utterance), rows.label.to_numpy()
 
 
-def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: int, embedding_dim: int,
-                  frames: int, epochs: int, batch_size: int, lr: float, dropout: float, seed: int,
-                  loss: str = "softmax", margin: float = 0.2, scale: float = 30.0, lr_schedule: str = "constant",
+def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSettings, *,
                   crop_transform=None, init_checkpoint=None, distribution: Distribution | None = None,
                   checkpoint: Checkpoint | None = None, live_dir=None, verbose: int = 2) -> Trained:
     """Classification over the training speakers; validation = held-out utterances of the same speakers.
 
+    ``settings`` (the softmax section; its ``init_checkpoint`` is not read here, see below):
     ``loss``: ``softmax`` (the original recipe: logits from a Dense ``dense``) or ``aam_softmax`` (cosines to
     normalised class weights with an angular ``margin`` and logit ``scale``; what cosine scoring rewards).
     ``lr_schedule``: ``constant`` (the original) or ``cosine`` (decay to 0 over all steps; small corpora
@@ -57,6 +57,9 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: 
     the speaker count differs). ``distribution``: strategy and precision (default: one device, float32);
     ``batch_size`` is the global batch. ``checkpoint``: saved after every epoch and resumed from (resume.py).
     ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py); None: not logged."""
+    s = settings
+    filters, blocks, embedding_dim, frames, epochs = s.filters, s.blocks, s.embedding_dim, s.frames, s.epochs
+    batch_size, lr, dropout, seed, loss = s.batch_size, s.lr, s.dropout, s.seed, s.loss
     distribution = distribution or local()
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
@@ -70,8 +73,8 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: 
     train = ClassificationBatches(store, train_pos, train_lab, batch_size=batch_size, frames=frames, seed=seed,
                                   transform=crop_transform)
     with distribution.strategy.scope():
-        trainer.compile(optimizer=_optimizer(_learning_rate(lr, lr_schedule, epochs * len(train)), distribution),
-                        loss=get_loss(loss, margin=margin, scale=scale), metrics=["accuracy"], jit_compile=False)
+        trainer.compile(optimizer=_optimizer(_learning_rate(lr, s.lr_schedule, epochs * len(train)), distribution),
+                        loss=get_loss(loss, **s.loss_settings()), metrics=["accuracy"], jit_compile=False)
     val = (ClassificationBatches(store, val_pos, val_lab, batch_size=batch_size, frames=frames, seed=seed,
                                  shuffle=False) if len(val_pos) else None)
     history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
@@ -80,15 +83,17 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, *, filters, blocks: 
     return Trained(embedding, history)
 
 
-def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, *, alpha: float, epochs: int,
-                  steps_per_epoch: int, speakers_per_batch: int, utterances_per_speaker: int, frames: int,
-                  lr: float, seed: int, distribution: Distribution | None = None,
-                  checkpoint: Checkpoint | None = None, live_dir=None, verbose: int = 2) -> Trained:
+def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: TripletSettings, *,
+                  distribution: Distribution | None = None, checkpoint: Checkpoint | None = None, live_dir=None,
+                  verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
     Validation loss: P x K batches of the held-out utterances of training speakers, the same every epoch.
     ``epochs=0`` returns ``model`` untouched (to evaluate a pretrained checkpoint as it is).
     With several replicas each holds a slice of the P x K batch, and the embeddings are gathered from all replicas
-    before mining, so negatives come from the whole global batch exactly as on one device."""
+    before mining, so negatives come from the whole global batch exactly as on one device.
+    ``settings``: the triplet section (its ``init_checkpoint`` is the caller's: ``model`` is where it starts)."""
+    alpha, epochs, steps_per_epoch, lr, seed = settings.alpha, settings.epochs, settings.steps_per_epoch, \
+        settings.lr, settings.seed
     if epochs == 0:
         if live_dir is not None:
             EpochLog(live_dir).close()      # an empty log: the stage's declared outputs exist
@@ -101,8 +106,8 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
         trainer.compile(optimizer=_optimizer(lr, distribution),
                         loss=_mined_over_all_replicas(get_loss("triplet", alpha=alpha), distribution),
                         jit_compile=False)
-    batches = dict(speakers_per_batch=speakers_per_batch, utterances_per_speaker=utterances_per_speaker,
-                   frames=frames)
+    batches = dict(speakers_per_batch=settings.speakers_per_batch,
+                   utterances_per_speaker=settings.utterances_per_speaker, frames=settings.frames)
     train = SpeakerBatches(store, train_pos, train_lab, steps=steps_per_epoch, seed=seed, **batches)
     val = None
     if len(np.unique(val_lab)) >= 2:
@@ -351,28 +356,29 @@ def crop_inputs(source: keras.Model, store: FeatureStore, positions, *, crops: i
     return embed_arrays(source, arrays)
 
 
-def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, kind: str, units: int,
-               layers_count: int, dropout: float, output_dim: int, contexts, loss: str, alpha: float,
-               margin: float, scale: float, epochs: int, lr: float, batch_size: int, crops_per_utterance: int,
-               utterances_per_speaker: int, frames: int, train_trunk: bool, trunk_lr: float, seed: int,
+def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: HeadSettings, *,
                live_dir=None, verbose: int = 2) -> Trained:
-    """Train head ``kind`` on the base model's tap (embedding or frame sequence) with ``loss``; return
-    base+head as one model (features -> L2-normalised head embedding).
+    """Train head ``settings.kind`` on the base model's tap (embedding or frame sequence) with ``settings.loss``;
+    return base+head as one model (features -> L2-normalised head embedding). ``settings``: the tdnn section
+    (its ``head_args`` and ``loss_args`` reach the head's builder and the loss as they are).
 
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
     the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
     the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
     ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py).
     """
+    s = settings
+    kind, loss, epochs, lr, batch_size, frames, seed = s.kind, s.loss, s.epochs, s.lr, s.batch_size, s.frames, s.seed
+    crops_per_utterance, utterances_per_speaker, train_trunk = s.crops_per_utterance, s.utterances_per_speaker, \
+        s.train_trunk
     if train_trunk:
         base = _trainable_copy(base)
     tap = head_tap(kind)
     source = tap_model(base, tap)
     train_pos, train_lab = _roles(store, split, "train")
     val_pos, val_lab = _roles(store, split, "validation")
-    head = build_head(kind, input_dim=source.output_shape[-1], units=units, layers_count=layers_count,
-                      dropout=dropout, output_dim=output_dim, contexts=contexts)
-    classify = loss in CLASSIFICATION
+    head = build_head(kind, input_dim=source.output_shape[-1], **s.head_builder_settings())
+    classify = is_classification(loss)
     has_val = len(np.unique(val_lab)) >= (1 if classify else 2)
     steps = max(1, len(train_pos) * crops_per_utterance // batch_size)
     batching = dict(loss=loss, batch_size=batch_size, utterances_per_speaker=utterances_per_speaker)
@@ -393,8 +399,8 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, *, k
             x_val = crop_inputs(source, store, val_pos, crops=1, frames=frames, seed=seed + 1)
             val = array_batches(x_val, val_lab, steps=max(1, steps // 5), seed=seed + 1, shuffle=False, **batching)
     history = fit_head(head, train, val, loss=loss, num_classes=int(train_lab.max()) + 1, lr=lr, epochs=epochs,
-                       trunk=source if train_trunk else None, trunk_lr=trunk_lr, verbose=verbose, live_dir=live_dir,
-                       alpha=alpha, margin=margin, scale=scale)
+                       trunk=source if train_trunk else None, trunk_lr=s.trunk_lr, verbose=verbose, live_dir=live_dir,
+                       **s.loss_settings())
     base.trainable = False
     return Trained(attach_head(base, head, tap), history, head)
 
@@ -420,7 +426,7 @@ def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: i
                   shuffle: bool = True):
     """Batches over in-memory inputs for ``loss``: shuffled minibatches for classification losses, P x K
     speaker batches for the triplet loss."""
-    if loss in CLASSIFICATION:
+    if is_classification(loss):
         return ArrayBatches(x, y, batch_size=batch_size, seed=seed, shuffle=shuffle)
     return VectorSpeakerBatches(x, y, speakers_per_batch=max(2, batch_size // utterances_per_speaker),
                                 utterances_per_speaker=utterances_per_speaker, steps=steps, seed=seed,
@@ -430,7 +436,7 @@ def array_batches(x, y, *, loss: str, batch_size: int, utterances_per_speaker: i
 def crop_batches(store: FeatureStore, positions, labels, *, loss: str, batch_size: int,
                  utterances_per_speaker: int, frames: int, steps: int, seed: int, shuffle: bool = True):
     """The same over random crops read from the store at every batch (for training through the trunk)."""
-    if loss in CLASSIFICATION:
+    if is_classification(loss):
         return ClassificationBatches(store, positions, labels, batch_size=batch_size, frames=frames, seed=seed,
                                      shuffle=shuffle)
     return SpeakerBatches(store, positions, labels, frames=frames, steps=steps, seed=seed,
@@ -449,7 +455,7 @@ def fit_head(head: keras.Model, train, val, *, loss: str, num_classes: int, lr: 
     trunk_vars = list(trunk.trainable_variables) if trunk is not None else []
     head_vars = [v for v in trainer.trainable_variables if not any(v is t for t in trunk_vars)]
     return fit_two_rates(trainer, get_loss(loss, **loss_settings), train, val, epochs=epochs,
-                         groups=[(head_vars, lr), (trunk_vars, trunk_lr)], accuracy=loss in CLASSIFICATION,
+                         groups=[(head_vars, lr), (trunk_vars, trunk_lr)], accuracy=is_classification(loss),
                          verbose=verbose, live_dir=live_dir)
 
 

@@ -8,20 +8,83 @@ before the cross-entropy, so speakers must be separated by an angular margin, wh
 batch holds P speakers x K utterances; every (anchor, positive) pair of one speaker is matched with the anchor's
 hardest negative, i.e. the most similar utterance of another speaker in the batch. Mining inside the batch costs
 one similarity matrix instead of the original's separate embedding passes.
+
+Adding a loss is one file in this package (a factory decorated with :func:`register_loss`, saying the output
+layer it trains through and whether it classifies speakers) plus its import at the end of this file. The stages
+offer every registered loss; its own settings come from ``tdnn.loss_args`` / ``softmax.loss_args``.
 """
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import keras
 from keras import layers, ops
 
 
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss: ``factory(**settings)`` gives ``loss(labels, outputs) -> scalar``; ``output(num_classes,
+    name)`` the layer the model outputs through; ``classification``: over speaker classes (shuffled minibatches)
+    rather than pairs within a P x K speaker batch."""
+    factory: Callable
+    output: Callable
+    classification: bool
+
+    def settings(self) -> list[str]:
+        """The names of the settings the factory takes."""
+        return list(inspect.signature(self.factory).parameters)
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(name: str, *, output: Callable, classification: bool):
+    """Decorator: register a loss factory under ``name`` (see :class:`Loss`)."""
+    def register(factory):
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered already")
+        LOSSES[name] = Loss(factory, output, classification)
+        return factory
+    return register
+
+
+def loss_spec(name: str) -> Loss:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+
+
+def is_classification(name: str) -> bool:
+    """Does loss ``name`` train over speaker classes (vs. pairs within a batch)?"""
+    return loss_spec(name).classification
+
+
+def classification_losses() -> list[str]:
+    return sorted(name for name, loss in LOSSES.items() if loss.classification)
+
+
+def _logits(num_classes: int, name: str):
+    return layers.Dense(num_classes, name=name)
+
+
+def _cosines(num_classes: int, name: str):
+    return CosineClassifier(num_classes, name=name)
+
+
+def _normalised(num_classes: int, name: str):
+    return layers.UnitNormalization(axis=-1, name=name)
+
+
+@register_loss("softmax", output=_logits, classification=True)
 def softmax_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+@register_loss("aam_softmax", output=_cosines, classification=True)
 def aam_softmax_loss(*, margin: float, scale: float):
     """Loss ``(speaker_labels, cosines (batch, classes)) -> scalar``."""
     cos_m, sin_m = math.cos(margin), math.sin(margin)
@@ -40,6 +103,7 @@ def aam_softmax_loss(*, margin: float, scale: float):
     return aam_softmax
 
 
+@register_loss("triplet", output=_normalised, classification=False)
 def triplet_loss(*, alpha: float):
     """Loss ``(speaker_labels, embeddings) -> scalar``; embeddings are L2-normalised by the model."""
 
@@ -79,24 +143,11 @@ class CosineClassifier(layers.Layer):
 
 def output_layer(loss: str, num_classes: int, name: str = "head_classifier"):
     """What a model trained with ``loss`` outputs: logits, cosines to class weights, or the normalised embedding."""
-    if loss == "softmax":
-        return layers.Dense(num_classes, name=name)
-    if loss == "aam_softmax":
-        return CosineClassifier(num_classes, name=name)
-    if loss == "triplet":
-        return layers.UnitNormalization(axis=-1, name=name)
-    raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
-
-
-LOSSES = {"softmax": softmax_loss, "aam_softmax": aam_softmax_loss, "triplet": triplet_loss}
-CLASSIFICATION = ("softmax", "aam_softmax")      # losses over speaker classes (vs. pairs within a batch)
+    return loss_spec(loss).output(num_classes, name)
 
 
 def get_loss(name: str, **settings):
     """The loss called ``name``, given the settings it takes (others are ignored: e.g. ``alpha`` for softmax)."""
-    try:
-        factory = LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
-    accepted = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in settings.items() if k in accepted})
+    loss = loss_spec(name)
+    accepted = loss.settings()
+    return loss.factory(**{k: v for k, v in settings.items() if k in accepted})
