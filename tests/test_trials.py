@@ -253,14 +253,17 @@ def test_score_matches_evaluate_eer_on_librispeech_mini_pairs(shared_dir, tmp_pa
     settings = bundle.features
     writer = StoreWriter(tmp_path / "store", num_bands=settings.num_bands, kind=settings.kind)
     for speaker, rel in files:
-        feats, _ = featurize_file(root / rel, settings.kind, sample_rate=settings.sample_rate,
-                                  min_seconds=settings.min_seconds, vad=settings.vad, max_clipped_fraction=0.01)
-        writer.add(rel, speaker, rel, feats, np.zeros(40, np.float32))
+        feats, stats = featurize_file(root / rel, settings.kind, sample_rate=settings.sample_rate,
+                                      min_seconds=settings.min_seconds, vad=settings.vad, max_clipped_fraction=0.01)
+        writer.add(rel, speaker, rel, feats, stats)
     writer.close()
     store = FeatureStore.open(tmp_path / "store")
     names = [rel for _, rel in files]
-    emb = embed_utterances(bundle.model, store, store.position(pd.Series(names)),
-                           window_frames=settings.window_frames, hop_frames=settings.hop_frames)
+    positions = store.position(pd.Series(names))
+    emb = embed_utterances(bundle.model, store, positions, window_frames=settings.window_frames,
+                           hop_frames=settings.hop_frames)
+    if bundle.stats_lda is not None:    # the served system joins the MFCC-statistics branch, as evaluate does
+        emb = bundle.stats_lda.joint(emb, store.baseline[positions])
     pairs = pd.DataFrame({"label": [r[0] for r in rows], "enroll": [r[1] for r in rows],
                           "test": [r[2] for r in rows]})
     if bundle.score_norm == "as_norm":

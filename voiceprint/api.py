@@ -311,9 +311,11 @@ class Recognizer:
     def features(self, path: AudioInput) -> np.ndarray:
         """(frames, bands) float32 features of one recording (a file or in memory, see :func:`as_audio`).
         AudioError for unusable audio (too short included)."""
-        return self._features_and_stats(path, with_stats=False)[0]
+        return self.features_and_stats(path, with_stats=False)[0]
 
-    def _features_and_stats(self, path: AudioInput, *, with_stats: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def features_and_stats(self, path: AudioInput, *, with_stats: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`features` and, with ``with_stats``, the recording's MFCC statistics (what a bundle's statistics
+        branch needs; None without)."""
         item = as_audio(path)
         if isinstance(item, Path):
             with self._engine(self.feature_engine):
@@ -344,7 +346,7 @@ class Recognizer:
             for start in range(0, len(paths), FILES_PER_CHUNK):
                 feats, stats = [], []
                 for path in paths[start:start + FILES_PER_CHUNK]:
-                    f, s = self._features_and_stats(path, with_stats=self.bundle.stats_lda is not None)
+                    f, s = self.features_and_stats(path, with_stats=self.bundle.stats_lda is not None)
                     feats.append(f)
                     stats.append(s)
                     bar.update()

@@ -52,7 +52,7 @@ TOKEN_ENV_VAR = "VOICEPRINT_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8757
 STATUS = {"usage": 400, "bad_audio": 422, "registry": 409, "model": 500, "io": 500}
-log = logging.getLogger("voiceprint.serve")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ class Service:
         try:
             self.rec.embed_signal((0.1 * syllables * voiced).astype(np.float32), rate)
         except VoiceprintError as exc:     # a cold first request is slower, nothing worse
-            log.warning("warm-up skipped: %s", exc)
+            logger.warning("warm-up skipped: %s", exc)
 
 
 def _error(status: int, kind: str, message: str, **extra) -> web.Response:
@@ -382,7 +382,7 @@ def create_app(rec: Recognizer, *, registry: str | Path | None = None, token: st
                 raise
             return _error(exc.status, "usage" if exc.status == 400 else "http", exc.text or exc.reason)
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            logger.exception("%s %s failed", request.method, request.path)
             return _error(500, "error", "internal error (logged by the server)")
 
     async def run(fn, *args) -> web.Response:

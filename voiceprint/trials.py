@@ -217,12 +217,13 @@ def score_trial_list(recognizer, trials_file: str | Path, audio_root: str | Path
     listed, _ = read_trials(trials_file)
     resolved = resolve_audio(listed, audio_root)
     files = list(pd.unique(pd.concat([resolved.trials.enroll_key, resolved.trials.test_key])))
-    features, unusable = {}, {}
+    features, stats, unusable = {}, {}, {}
+    stats_lda = recognizer.bundle.stats_lda
     from tqdm import tqdm
 
     for path in tqdm(files, desc="features", unit="file", disable=not progress, mininterval=1):
         try:
-            features[path] = recognizer.features(path)
+            features[path], stats[path] = recognizer.features_and_stats(path, with_stats=stats_lda is not None)
         except AudioError as exc:
             unusable[path] = f"unusable audio: {exc}"
     resolved = resolved.drop_entries(unusable)
@@ -237,6 +238,8 @@ def score_trial_list(recognizer, trials_file: str | Path, audio_root: str | Path
     settings = recognizer.bundle.features
     embeddings = embed_features(recognizer.bundle.model, [features[p] for p in names],
                                 window_frames=settings.window_frames, hop_frames=settings.hop_frames)
+    if stats_lda is not None:      # the bundle serves the network joined with its MFCC-statistics branch
+        embeddings = stats_lda.joint(embeddings, np.asarray([stats[p] for p in names], np.float32))
     pairs = resolved.trials.assign(enroll=resolved.trials.enroll_key, test=resolved.trials.test_key)
     if recognizer.score_norm == "as_norm":
         scores = as_norm_scores(embeddings, names, pairs, recognizer.bundle.cohort, recognizer.bundle.cohort_top_n)
