@@ -337,10 +337,9 @@ class Recognizer:
     def embed_files(self, paths: Sequence[AudioInput], *, progress: bool = False) -> np.ndarray:
         """(len(paths), D) float32 L2-normalised embeddings, one per input in order: files, or audio in memory
         (see :func:`as_audio`). Any bad input raises AudioError (naming it) before anything is returned."""
-        from voiceprint.embedding import embed_features, tqdm   # tqdm imported only for a shown bar
+        from voiceprint.embedding import tqdm   # imported only for a shown bar
 
         paths = [as_audio(p, i) for i, p in enumerate(paths)]
-        settings = self.bundle.features
         out = []
         with tqdm(total=len(paths), desc="embed", unit="file", disable=not progress, mininterval=1) as bar:
             for start in range(0, len(paths), FILES_PER_CHUNK):
@@ -350,14 +349,23 @@ class Recognizer:
                     feats.append(f)
                     stats.append(s)
                     bar.update()
-                emb = embed_features(self.bundle.model, feats, window_frames=settings.window_frames,
-                                     hop_frames=settings.hop_frames)
-                # The store keeps MFCC statistics as float32: the statistics branch was fitted on those.
-                out.append(emb if self.bundle.stats_lda is None
-                           else self.bundle.stats_lda.joint(emb, np.asarray(stats, np.float32)))
+                out.append(self.embed_features(feats, stats))
         if not out:
             return np.zeros((0, self.bundle.embedding_dim), np.float32)
         return np.concatenate(out)
+
+    def embed_features(self, features: Sequence[np.ndarray], stats: Sequence[np.ndarray | None]) -> np.ndarray:
+        """The bundle's embeddings of :meth:`features_and_stats` results: the model (whole utterance or windows),
+        joined with the MFCC-statistics branch when the bundle has one (``stats`` are then needed, else ignored)."""
+        from voiceprint.embedding import embed_features
+
+        settings = self.bundle.features
+        emb = embed_features(self.bundle.model, list(features), window_frames=settings.window_frames,
+                             hop_frames=settings.hop_frames)
+        if self.bundle.stats_lda is None:
+            return emb
+        # The store keeps MFCC statistics as float32: the statistics branch was fitted on those.
+        return self.bundle.stats_lda.joint(emb, np.asarray(list(stats), np.float32))
 
     def embed(self, path: AudioInput) -> np.ndarray:
         return self.embed_files([path])[0]

@@ -373,6 +373,18 @@ def load_tflite_embedder(path: str | Path, *, num_threads: int | None = None) ->
     return Embedder(run, num_bands=signature[2], fmt="tflite", source=str(path), backend=interp)
 
 
+def onnx_session(ort, path: Path, num_threads: int | None, *, error: type[Exception] = ValueError):
+    """A CPU InferenceSession of ``path`` with ``num_threads`` intra-op threads (default: every core); ``error``
+    (naming the file) for a file onnxruntime cannot load."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+        raise error(f"{path}: not a valid ONNX model: {exc}") from exc
+
+
 def load_onnx_embedder(path: str | Path, *, num_threads: int | None = None) -> Embedder:
     """Load a file written by :func:`export_onnx` with onnxruntime (optional dependency) as an :class:`Embedder`."""
     try:
@@ -384,13 +396,7 @@ def load_onnx_embedder(path: str | Path, *, num_threads: int | None = None) -> E
         raise IsADirectoryError(f"{path} is a directory, not an ONNX file")
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} not found")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads or os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        raise ValueError(f"{path}: not a valid ONNX model: {exc}") from exc
+    session = onnx_session(ort, path, num_threads)
     inp = session.get_inputs()[0]
     bands = inp.shape[2]
     if len(inp.shape) != 4 or not isinstance(bands, int):

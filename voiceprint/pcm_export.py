@@ -326,13 +326,9 @@ def load_pcm_onnx(path, *, num_threads: int | None = None) -> PcmEmbedder:
         raise ImportError("load_pcm_onnx needs onnxruntime: pip install onnxruntime") from exc
 
     path = _existing(path, "ONNX")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads or os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        raise DataError(f"{path}: not a valid ONNX model: {exc}") from exc
+    from voiceprint.export import onnx_session
+
+    session = onnx_session(ort, path, num_threads, error=DataError)
     name = session.get_inputs()[0].name
     return PcmEmbedder(lambda x: session.run([OUTPUT_NAME], {name: x})[0], "pcm-onnx", str(path))
 

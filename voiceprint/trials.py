@@ -211,7 +211,6 @@ def score_trial_list(recognizer, trials_file: str | Path, audio_root: str | Path
     for a bundle with a cohort), mapped to LLRs when the bundle has an LLR calibration. Files that cannot be
     used (missing, unreadable, too short ...) make their trials missing, with the reason."""
     from voiceprint.audio import AudioError
-    from voiceprint.embedding import embed_features
     from voiceprint.evaluation import as_norm_scores, cosine_scores
 
     listed, _ = read_trials(trials_file)
@@ -235,11 +234,7 @@ def score_trial_list(recognizer, trials_file: str | Path, audio_root: str | Path
                         + "; ".join(f"{e} ({r})" for e, r in resolved.missing_entries.head(3).itertuples(index=False))
                         + ")")
     names = [p for p in files if p in features]
-    settings = recognizer.bundle.features
-    embeddings = embed_features(recognizer.bundle.model, [features[p] for p in names],
-                                window_frames=settings.window_frames, hop_frames=settings.hop_frames)
-    if stats_lda is not None:      # the bundle serves the network joined with its MFCC-statistics branch
-        embeddings = stats_lda.joint(embeddings, np.asarray([stats[p] for p in names], np.float32))
+    embeddings = recognizer.embed_features([features[p] for p in names], [stats[p] for p in names])
     pairs = resolved.trials.assign(enroll=resolved.trials.enroll_key, test=resolved.trials.test_key)
     if recognizer.score_norm == "as_norm":
         scores = as_norm_scores(embeddings, names, pairs, recognizer.bundle.cohort, recognizer.bundle.cohort_top_n)
