@@ -1,8 +1,8 @@
 """Stage evaluate: score the evaluation trials with every system, write metrics/eval.json and figures, and
 package the deployed system with its calibrated thresholds as models/voiceprint
-(evaluate.* params, and tdnn.fusion / tdnn.fusion_weight).
+(evaluate.* params: voiceprint.contracts.EvaluateSettings).
 
-Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless tdnn.fusion is none)
+Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless evaluate.fusion is none)
 and the no-training MFCC baseline; with evaluate.stats_branch lda also the LDA-projected MFCC statistics
 (``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.stats_lda), which is
 then what the bundle serves; with evaluate.score_norm as_norm also that served system's AS-normalised scores
@@ -17,8 +17,9 @@ the bundle as llr_calibration.json; the decision thresholds are measured on all 
 """
 import json
 
+from voiceprint.contracts import EvaluateSettings
 from voiceprint.outputs import write_csv, write_metrics
-from voiceprint.params import ParamsError, load_params
+from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
 
@@ -28,37 +29,20 @@ FIGURES = "plots/eval"
 BUNDLE = "models/voiceprint"
 
 
+def read_settings(params: Params) -> EvaluateSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return EvaluateSettings.read(params)
+
+
 def main() -> None:
-    params = load_params()
-    p = params.section("evaluate")
-    window = p.int("window_frames", min=0)
-    hop = p.int("hop_frames", min=1)
-    p_target = p.float("p_target", min=0.0, max=1.0, min_exclusive=True)
-    low_far = p.float("low_far", min=0.0, max=1.0, min_exclusive=True)
-    bootstrap = p.int("bootstrap", min=0)
-    seed = p.int("seed", min=0)
-    deploy = p.str("deploy", choices=["base", "head", "fused"])
-    cross_corpus = p.str("cross_corpus")
-    from voiceprint.score_norm import MIN_TOP_N, SCORE_NORMS
-
-    score_norm = p.str("score_norm", choices=SCORE_NORMS)
-    cohort_top_n = p.int("cohort_top_n", min=MIN_TOP_N)
-    cohort_utterances = p.int("cohort_utterances", min=1)
-    from voiceprint.stats_lda import STATS_BRANCHES
-
-    stats_branch = p.str("stats_branch", choices=STATS_BRANCHES)
-    stats_weight = p.float("stats_weight", min=0.0, max=1.0)
-    trials_file = p.str("trials")
-    calibration_share = p.float("calibration_speakers", min=0.0, max=1.0, min_exclusive=True)
-    calibration_prior = p.float("calibration_prior", min=0.0, max=1.0, min_exclusive=True)
-    check_trial_list_params(p, trials_file, calibration_prior)
-    tdnn = params.section("tdnn")
-    from voiceprint.evaluation import FUSIONS, fusion_base_weight
-
-    fusion = tdnn.str("fusion", choices=FUSIONS)
-    base_weight = fusion_base_weight(fusion, tdnn.float("fusion_weight", min=0.0, max=1.0))
-    if deploy == "fused" and base_weight is None:
-        raise ParamsError("params.yaml: evaluate.deploy: 'fused' needs tdnn.fusion concat or score, not none")
+    settings = read_settings(load_params())
+    window, hop = settings.window_frames, settings.hop_frames
+    p_target, low_far, bootstrap, seed = settings.p_target, settings.low_far, settings.bootstrap, settings.seed
+    deploy, cross_corpus, trials_file = settings.deploy, settings.cross_corpus, settings.trials
+    score_norm, cohort_top_n, cohort_utterances = settings.score_norm, settings.cohort_top_n, settings.cohort_utterances
+    stats_branch, stats_weight = settings.stats_branch, settings.stats_weight
+    calibration_share, calibration_prior = settings.calibration_speakers, settings.calibration_prior
+    fusion, base_weight = settings.fusion, settings.base_weight()
     configure_tensorflow(seed)
     from voiceprint import metrics, plots
     from voiceprint.bundle import save_bundle
@@ -168,23 +152,6 @@ def main() -> None:
           f"{100 * low_far:g}% false-accept threshold {thresholds['low_far']:.4f})")
     for line in verdicts:
         print(line)
-
-
-def check_trial_list_params(p, trials_file: str, calibration_prior: float) -> None:
-    from pathlib import Path
-
-    from voiceprint.trials import TRIALS_FOLDER
-
-    if calibration_prior >= 1.0:
-        raise p.error("calibration_prior", f"must be < 1, got {calibration_prior}")
-    if trials_file:
-        path = Path(trials_file)
-        # dvc.yaml tracks the folder: a list elsewhere could change without evaluate re-running.
-        if path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(Path(TRIALS_FOLDER).parts):
-            raise p.error("trials", f"{trials_file!r}: put the trial list under {TRIALS_FOLDER}/ (a dependency of "
-                                    "the stage in dvc.yaml), or give \"\" for the generated trials")
-        if not path.is_file():
-            raise p.error("trials", f"trial list {trials_file} not found")
 
 
 def report_listed_trials(trials_file: str, listed) -> None:

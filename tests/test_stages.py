@@ -142,6 +142,8 @@ def test_stale_features_temp_dirs_are_removed_at_the_next_start(corpus):
      "evaluate.trials: trial list data/trials/nowhere.txt not found"),
     ("evaluate", "evaluate", {"calibration_prior": 1.0}, "evaluate.calibration_prior: must be < 1, got 1.0"),
     ("evaluate", "evaluate", {"calibration_speakers": 0}, "evaluate.calibration_speakers: must be > 0.0"),
+    ("evaluate", "evaluate", {"fusion": "none"}, "evaluate.deploy: 'fused' needs evaluate.fusion concat or score"),
+    ("evaluate", "tdnn", {"fusion": "score"}, "tdnn.fusion: moved to evaluate.fusion; set evaluate.fusion instead"),
     ("softmax", "softmax", {"init_checkpoint": "checkpoints/none.h5"},
      "softmax.init_checkpoint: checkpoint file checkpoints/none.h5 not found"),
     ("triplet", "triplet", {"init_checkpoint": "/tmp/x.h5"},
