@@ -3,7 +3,7 @@ import dataclasses
 from pathlib import Path
 
 from voiceprint.augment import MaskSettings
-from voiceprint.checkpoint import check_architecture, init_checkpoint_path
+from voiceprint.original_h5 import check_architecture, init_checkpoint_path
 from voiceprint.contracts import SoftmaxSettings, TrainSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.live import live_dir

@@ -3,7 +3,7 @@ params)."""
 import dataclasses
 from pathlib import Path
 
-from voiceprint.checkpoint import init_checkpoint_path
+from voiceprint.original_h5 import init_checkpoint_path
 from voiceprint.contracts import TrainSettings, TripletSettings
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.live import live_dir
@@ -33,7 +33,7 @@ def main() -> None:
     if init is None:
         model = load_model(SOFTMAX_MODEL, what="softmax model")
     else:   # fine-tune a pretrained original Deep Speaker checkpoint instead of our softmax model
-        from voiceprint.checkpoint import architecture_of, import_original_weights
+        from voiceprint.original_h5 import architecture_of, import_original_weights
         from voiceprint.models import build_rescnn
 
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)

@@ -236,7 +236,7 @@ def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
     from voiceprint.api import InputError
     from voiceprint.audio import AudioError
     from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
-    from voiceprint.checkpoint import CheckpointError
+    from voiceprint.original_h5 import CheckpointError
     from voiceprint.errors import MissingFileError, VoiceprintError
     from voiceprint.fetch import FetchError
     from voiceprint.params import ParamsError
@@ -280,7 +280,7 @@ def test_training_stages_depend_on_the_init_checkpoint_file_they_read_not_the_fo
 
 
 def test_no_init_checkpoint_means_none():
-    from voiceprint.checkpoint import init_checkpoint_path
+    from voiceprint.original_h5 import init_checkpoint_path
 
     assert init_checkpoint_path("checkpoints/none", "softmax.init_checkpoint") is None
     assert init_checkpoint_path("", "softmax.init_checkpoint") is None

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatches, VectorSpeakerBatches
-from voiceprint.checkpoint import import_original_weights
+from voiceprint.original_h5 import import_original_weights
 from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
