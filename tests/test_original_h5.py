@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
-from voiceprint.original_h5 import (CheckpointError, ImportReport, export_original_weights, import_original_weights,
-                                   read_original_layout)
 from voiceprint.models import build_rescnn
+from voiceprint.original_h5 import (CheckpointError, ImportReport, export_original_weights, import_original_weights,
+                                    read_original_layout)
 
 # Located as tests/conftest.py's `shared_dir` does; module-scoped fixtures cannot use that function-scoped one.
 REPO = Path(__file__).resolve().parents[1]

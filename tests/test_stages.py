@@ -236,9 +236,9 @@ def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
     from voiceprint.api import InputError
     from voiceprint.audio import AudioError
     from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
-    from voiceprint.original_h5 import CheckpointError
     from voiceprint.errors import MissingFileError, VoiceprintError
     from voiceprint.fetch import FetchError
+    from voiceprint.original_h5 import CheckpointError
     from voiceprint.params import ParamsError
     from voiceprint.registry import RegistryError
     from voiceprint.splits import SplitError

@@ -112,8 +112,8 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
 
 
 def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
-    from voiceprint.original_h5 import export_original_weights
     from voiceprint.models import build_rescnn
+    from voiceprint.original_h5 import export_original_weights
     from voiceprint.training import train_softmax
 
     store, split = tiny
