@@ -2,10 +2,10 @@
 part of one), with every key's type, default, bounds or choices and a line of help.
 
 The defaults are params.yaml's (tests/test_contracts.py checks that). Choices come from the registries (losses,
-heads, feature kinds, VADs, learning-rate schedules, strategies, sources), read when a contract is read, so a loss
-or head registered later is a valid choice; this module imports none of them itself, so reading the data or
-features params does not load Keras. The augment section's two contracts live beside the code that uses them
-(voiceprint.augment.AugmentSettings and MaskSettings).
+heads, feature kinds, VADs, learning-rate schedules, strategies, sources, fusions, score normalisations,
+statistics branches), read when a contract is read, so a loss or head registered later is a valid choice; this
+module imports none of them itself, so reading the data or features params does not load Keras. The augment
+section's two contracts live beside the code that uses them (voiceprint.augment.AugmentSettings and MaskSettings).
 
 A stage reads its contracts with ``Contract.read(load_params())`` and passes them to the package, e.g.
 ``train_head(base, store, split, HeadSettings.read(params))``; each stage's ``read_settings(params)`` reads all it
