@@ -218,7 +218,7 @@ def test_a_loss_and_a_head_added_in_one_file_are_offered_and_trained_with_their_
                                                          loss="toy_focal", loss_args={"gamma": 2.0}),
                          verbose=0).model
     trained = train_head(base, store, split, settings, verbose=0)
-    assert trained.head.name == "toy_head" and trained.head.get_layer("toy_hidden").units == 6
+    assert trained.head.head.name == "toy_head" and trained.head.head.get_layer("toy_hidden").units == 6
     assert list(trained.history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
     assert np.isfinite(trained.history.loss).all()
     out = trained.model.predict(np.zeros((2, 40, 64, 1), "float32"), verbose=0)

@@ -23,7 +23,8 @@ from voiceprint.embedding import embed_arrays
 from voiceprint.errors import DataError
 from voiceprint.live import EpochLog
 from voiceprint.losses import get_loss, is_classification, output_layer
-from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
+from voiceprint.models import build_head, build_rescnn, head_tap, tap_model
+from voiceprint.models.trained_head import TrainedHead
 from voiceprint.original_h5 import import_original_weights
 from voiceprint.resume import RESUME_ROOT, ResumeState, Snapshot
 from voiceprint.store import FeatureStore
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class Trained:
     model: keras.Model
     history: pd.DataFrame
-    head: keras.Model | None = None     # train_head: the head alone (for its size)
+    head: TrainedHead | None = None     # train_head: the head alone, its tap and (when trained) its trunk
 
 
 def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
@@ -359,12 +360,15 @@ def crop_inputs(source: keras.Model, store: FeatureStore, positions, *, crops: i
 def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: HeadSettings, *,
                live_dir=None, verbose: int = 2) -> Trained:
     """Train head ``settings.kind`` on the base model's tap (embedding or frame sequence) with ``settings.loss``;
-    return base+head as one model (features -> L2-normalised head embedding). ``settings``: the tdnn section
+    return base+head as one model (features -> L2-normalised head embedding) and the head on its own
+    (``Trained.head``, :class:`voiceprint.models.trained_head.TrainedHead`: what the stage saves). ``settings``: the
+    tdnn section
     (its ``head_args`` and ``loss_args`` reach the head's builder and the loss as they are).
 
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
     the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
-    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
+    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was
+    and the trained copy is the head's ``trunk``.
     ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py).
     """
     s = settings
@@ -402,7 +406,8 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, sett
                        trunk=source if train_trunk else None, trunk_lr=s.trunk_lr, verbose=verbose, live_dir=live_dir,
                        **s.loss_settings())
     base.trainable = False
-    return Trained(attach_head(base, head, tap), history, head)
+    trained = TrainedHead(head, kind, tap, trunk=base if train_trunk else None)
+    return Trained(trained.system(base), history, trained)
 
 
 def _trainable_copy(model: keras.Model) -> keras.Model:
