@@ -43,7 +43,7 @@ def main() -> None:
     score_norm, cohort_top_n, cohort_utterances = settings.score_norm, settings.cohort_top_n, settings.cohort_utterances
     stats_branch, stats_weight = settings.stats_branch, settings.stats_weight
     calibration_share, calibration_prior = settings.calibration_speakers, settings.calibration_prior
-    fusion, base_weight = settings.fusion, settings.base_weight()
+    base_weight = settings.base_weight()     # evaluate.fusion and fusion_weight: None for no fused system
     configure_tensorflow(seed)
     from voiceprint import metrics, plots
     from voiceprint.bundle import save_bundle
