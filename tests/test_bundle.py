@@ -275,3 +275,39 @@ def test_invalid_llr_calibration_names_file_and_key(with_llr, tmp_path, edit, me
     with pytest.raises(B.BundleError, match=message) as info:
         B.load_bundle(copy)
     assert "llr_calibration.json" in str(info.value)
+
+
+def _two_trunk_fused(base, head, w, trained_trunk=False):
+    """The fused model bundles held before heads were saved alone: [base(x), attach_head(base, head)(x)]."""
+    from keras import layers
+
+    from voiceprint.models import attach_head
+
+    trunk = keras.models.clone_model(base)      # as loaded from its own file (tdnn_head.keras)
+    trunk.set_weights([v + 0.01 if trained_trunk else v for v in base.get_weights()])
+    inputs = keras.Input(base.input_shape[1:], name="input")
+    parts = [layers.Rescaling(w ** 0.5, name="base_weight")(base(inputs)),
+             layers.Rescaling((1 - w) ** 0.5, name="head_weight")(attach_head(trunk, head)(inputs))]
+    return keras.Model(inputs, layers.Concatenate(name="fused")(parts), name="fused")
+
+
+def test_an_older_two_trunk_bundle_is_rewritten_as_one_trunk(model, tmp_path):
+    from voiceprint.calibration import LlrCalibration
+    from voiceprint.models import build_head
+
+    keras.utils.set_random_seed(4)
+    head = build_head("dense", input_dim=16, units=8, layers_count=1, dropout=0.0, output_dim=4)
+    old = _two_trunk_fused(model, head, 0.7)
+    path = B.save_bundle(tmp_path / "old", old, system="fused", features=FEATURES, thresholds=THRESHOLDS,
+                         evaluation=EVALUATION, llr_calibration=LlrCalibration(scale=20.0, offset=-8.0, fit_prior=0.5))
+    before = B.load_bundle(path)
+    assert B.rewrite_one_trunk(path) is True
+    after = B.load_bundle(path)                         # every sha256 (thresholds, LLR calibration) updated
+    assert after.model_sha256 != before.model_sha256 and after.thresholds == before.thresholds
+    assert after.model.count_params() == model.count_params() + head.count_params() < old.count_params()
+    x = np.random.default_rng(2).normal(size=(2, 120, 64, 1)).astype("float32")
+    np.testing.assert_allclose(np.asarray(after.model(x)), np.asarray(before.model(x)), atol=1e-5)
+    assert B.rewrite_one_trunk(path) is False           # one trunk already: nothing changes
+    assert B.load_bundle(path).model_sha256 == after.model_sha256
+    with pytest.raises(B.BundleError, match="two trunks differ"):
+        B.one_trunk_model(_two_trunk_fused(model, head, 0.7, trained_trunk=True))

@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -432,6 +433,63 @@ def add_onnx(path: str | Path) -> str:
     return data["onnx_sha256"]
 
 
+def one_trunk_model(model):
+    """A fused model written before heads were stored alone (``fused = [base(x), base_with_head(x)]``, two copies
+    of the trunk) rebuilt as one trunk pass (voiceprint.models.fuse_models); None when ``model`` is not such a
+    model. Refused (BundleError) unless both trunks hold identical weights, and the rebuilt model's output is
+    checked against the old one's."""
+    import keras
+
+    from voiceprint.models import fuse_models
+
+    names = [layer.name for layer in model.layers]
+    if not {"rescnn", "base_with_head", "base_weight"} <= set(names):
+        return None
+    base, with_head = model.get_layer("rescnn"), model.get_layer("base_with_head")
+    trunk = next(layer for layer in with_head.layers if isinstance(layer, keras.Model) and layer.name.startswith("rescnn"))
+    head = next(layer for layer in with_head.layers if isinstance(layer, keras.Model) and layer is not trunk)
+    tap = "frames" if trunk.name == "rescnn_frames" else "embedding"
+    base_weights = {w.path: w for w in base.weights}
+    for w in trunk.weights:
+        if w.path not in base_weights or not np.array_equal(np.asarray(w), np.asarray(base_weights[w.path])):
+            raise BundleError(f"{model.name}: its two trunks differ at {w.path} (the head's trunk was trained): "
+                              "it cannot be one trunk pass")
+    base_weight = float(np.asarray(model.get_layer("base_weight").scale)) ** 2
+    rebuilt = fuse_models(base, head, base_weight, tap, name=model.name)
+    x = np.random.default_rng(0).normal(size=(2, 300, int(model.input_shape[2]), 1)).astype(np.float32)
+    if not np.allclose(np.asarray(rebuilt(x)), np.asarray(model(x)), atol=1e-5):
+        raise BundleError(f"{model.name}: the one-trunk model's embeddings differ from the two-trunk model's")
+    return rebuilt
+
+
+def rewrite_one_trunk(path: str | Path) -> bool:
+    """Rewrite a bundle directory whose fused model.keras holds two trunks (:func:`one_trunk_model`) as one trunk:
+    model.keras and model.onnx are re-written and every sha256 that names them updated; the thresholds, cohort,
+    statistics branch and LLR calibration stay (the embeddings are the same to float rounding). Returns False, and
+    changes nothing, when the model is one trunk already. The registry keys enrolments by the model's sha256, so
+    speakers enrolled with the old file must be enrolled again."""
+    path = Path(path)
+    bundle = load_bundle(path, backend="keras")        # every file checked first
+    rebuilt = one_trunk_model(bundle.model)
+    if rebuilt is None:
+        return False
+    calibration_file = thresholds_file(path)
+    data = json.loads(calibration_file.read_text())
+    with atomic_path(path) as tmp:
+        shutil.copytree(path, tmp)
+        save_keras_model(rebuilt, tmp / MODEL_FILE)
+        data["model_sha256"] = file_sha256(tmp / MODEL_FILE)
+        if "onnx_sha256" in data or (path / ONNX_FILE).is_file():
+            data["onnx_sha256"] = _write_onnx(rebuilt, tmp / ONNX_FILE)
+        (tmp / calibration_file.name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        llr_file = tmp / LLR_CALIBRATION_FILE
+        if llr_file.is_file():
+            llr = json.loads(llr_file.read_text())
+            llr["model_sha256"] = data["model_sha256"]
+            llr_file.write_text(json.dumps(llr, indent=2, sort_keys=True) + "\n")
+    return True
+
+
 def _load_keras(path: Path):
     try:
         from voiceprint.runtime import load_model
@@ -625,14 +683,22 @@ def _check_file(file: Path, expected: str, key: str, calibration_file: Path) -> 
 
 
 def main(argv=None) -> int:
-    """``python -m voiceprint.bundle add-onnx DIR``: give an existing bundle its checked model.onnx."""
+    """``python -m voiceprint.bundle add-onnx DIR``: give an existing bundle its checked model.onnx;
+    ``python -m voiceprint.bundle one-trunk DIR``: rewrite an older two-trunk fused model as one trunk."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m voiceprint.bundle", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("add-onnx", help="export model.keras to model.onnx (checked) and record its sha256")
     p.add_argument("bundle", help="bundle directory (e.g. models/voiceprint)")
+    p = sub.add_parser("one-trunk", help="rewrite a fused model with two copies of the trunk (bundles written "
+                                         "before heads were saved alone) as one trunk pass")
+    p.add_argument("bundle", help="bundle directory")
     args = parser.parse_args(argv)
+    if args.command == "one-trunk":
+        print(f"{args.bundle}: " + ("rewritten as one trunk" if rewrite_one_trunk(args.bundle) else
+                                    "one trunk already; nothing changed"))
+        return 0
     print(f"{Path(args.bundle) / ONNX_FILE}: sha256 {add_onnx(args.bundle)}")
     return 0
 

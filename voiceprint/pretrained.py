@@ -96,8 +96,20 @@ def add_onnx(directory: str | Path | None = None) -> dict:
     sha256 list for the files now there; the rest of the manifest stays as it is."""
     from voiceprint.bundle import add_onnx as add_to_bundle
 
+    return _rewrite(directory, add_to_bundle)
+
+
+def one_trunk(directory: str | Path | None = None) -> dict:
+    """Rewrite the shipped bundle's two-trunk fused model as one trunk pass (voiceprint.bundle.rewrite_one_trunk)
+    and ``pretrained.json``'s sha256 list; the rest of the manifest stays as it is."""
+    from voiceprint.bundle import rewrite_one_trunk
+
+    return _rewrite(directory, rewrite_one_trunk)
+
+
+def _rewrite(directory, change) -> dict:
     directory = Path(shipped_model(directory))      # every file checked before anything changes
-    add_to_bundle(directory)
+    change(directory)
     manifest = describe(directory)
     manifest["sha256"] = {p.name: file_sha256(p) for p in sorted(directory.iterdir())
                           if p.is_file() and p.name != MANIFEST}
@@ -108,12 +120,14 @@ def add_onnx(directory: str | Path | None = None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m voiceprint.pretrained",
                                      description="package a trained bundle as the shipped pretrained model")
-    if argv is None and sys.argv[1:2] == ["--add-onnx"] or argv is not None and argv[:1] == ["--add-onnx"]:
-        rest = (sys.argv[2:] if argv is None else argv[1:])
-        print(json.dumps(add_onnx(rest[0] if rest else None)["sha256"], indent=2))
+    args = sys.argv[1:] if argv is None else list(argv)
+    rewrites = {"--add-onnx": add_onnx, "--one-trunk": one_trunk}
+    if args[:1] and args[0] in rewrites:
+        print(json.dumps(rewrites[args[0]](args[1] if len(args) > 1 else None)["sha256"], indent=2))
         return
     parser.add_argument("bundle", help="bundle directory written by the evaluate stage (models/voiceprint); "
-                                       "or --add-onnx [DIR] to give the shipped bundle its model.onnx")
+                                       "or --add-onnx [DIR] to give the shipped bundle its model.onnx, or --one-trunk [DIR] "
+                                       "to rewrite its two-trunk fused model as one trunk")
     parser.add_argument("eval_json", help="its metrics/eval.json")
     parser.add_argument("--out", default=None, help=f"default: {SHIPPED}")
     parser.add_argument("--name", default="real-speech")
