@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from voiceprint import features as F
+from voiceprint.features import kernels, kinds, runner, vad as V
 from voiceprint.audio import AudioError, load_audio
 from voiceprint.features import (
     FEATURE_KINDS,
@@ -162,11 +163,11 @@ def test_fbank_num_bands_other_than_64_and_above_the_pairwise_block():
                                                           (512, 600, 100, -650), (16, 10, 3, 5)])
 def test_band_energies_kernel_equals_numpy_power_spectrum(nfft, frame_len, step, start):
     rng = np.random.default_rng(nfft + frame_len)
-    signal = rng.standard_normal(step * F.FFT_LANES + 1000).astype(np.float32)
+    signal = rng.standard_normal(step * kernels.FFT_LANES + 1000).astype(np.float32)
     count = (signal.shape[0] - start) // step + 2  # the last frames reach past the end
     window = rng.uniform(0.5, 1.0, frame_len)
     filterbank = rng.uniform(0, 1, (nfft // 2 + 1, 7)) * (rng.random((nfft // 2 + 1, 7)) < 0.3)
-    got = F._band_energies(signal, start, count, step, window, nfft, F._sparse_bands(filterbank))
+    got = kernels._band_energies(signal, start, count, step, window, nfft, kernels._sparse_bands(filterbank))
     # frame t = signal[start + t step :][:frame_len], zeros outside the signal; rfft(x, nfft) zero-pads shorter
     # frames and cuts longer ones
     padded = np.concatenate([np.zeros(max(0, -start)), signal, np.zeros(count * step + frame_len)])
@@ -178,7 +179,7 @@ def test_band_energies_kernel_equals_numpy_power_spectrum(nfft, frame_len, step,
 
 def test_band_energies_rejects_fft_sizes_it_cannot_do():
     with pytest.raises(ValueError, match="FFT size 514"):
-        F._fft_plan(514)  # 257 points: a prime
+        kernels._fft_plan(514)  # 257 points: a prime
 
 
 def test_frame_normalisation_is_numpys_bit_for_bit():
@@ -188,7 +189,7 @@ def test_frame_normalisation_is_numpys_bit_for_bit():
         feat[0, :2] = 0.0  # zero energies become float eps first
         expected = np.where(feat == 0, np.finfo(float).eps, feat)
         expected = np.array([(v - np.mean(v)) / max(np.std(v), 1e-12) for v in expected], dtype=np.float32)
-        np.testing.assert_array_equal(F._normalize_frames(feat), expected)
+        np.testing.assert_array_equal(kinds._normalize_frames(feat), expected)
 
 
 # --- logmel_cmn ----------------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_featurize_many_unexpected_exception_becomes_error(tmp_path, monkeypatch
             raise RuntimeError("kaboom")
         return np.zeros((2, 64), np.float32), np.zeros(40, np.float32)
 
-    monkeypatch.setattr(F, "featurize_file", boom)
+    monkeypatch.setattr(runner, "featurize_file", boom)
     results = list(featurize_many(paths, "fbank_norm", workers=1, progress=False))
     assert results[0][3] == "error" and "kaboom" in results[0][4] and paths[0] in results[0][4]
     assert results[1][3] is None
@@ -521,7 +522,7 @@ def test_streamed_trim_equals_trim_silence_original():
             x[:] = x[0]  # constant: returned unchanged
         cuts = np.sort(rng.integers(0, n, size=int(rng.integers(0, 6))))
         chunks = [c for c in np.split(x, cuts) if c.size]
-        trim = F._StreamedTrim()
+        trim = V._StreamedTrim()
         for chunk in chunks:
             trim.push(chunk)
         start, stop = trim.segment(chunks)
@@ -569,7 +570,7 @@ def test_chunked_memory_does_not_grow_with_length(tmp_path):
 
 def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypatch):
     p = _long_speechy_file(tmp_path / "x.wav", 3)
-    monkeypatch.setattr(F, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
+    monkeypatch.setattr(runner, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
     assert F.LONG_FILE_SECONDS == 300.0 and F.CHUNK_SECONDS == 20.0
     assert isinstance(featurize_file(p, "fbank_norm")[0], np.ndarray)
     assert isinstance(featurize_file(p, "fbank_norm", long_file_seconds=3.0)[0], np.ndarray)
@@ -579,7 +580,7 @@ def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypat
 
 def test_dct_matrix_equals_scipys_dct_ii_ortho():
     scipy_fft = pytest.importorskip("scipy.fft")
-    from voiceprint.features import MFCC_BANDS, _dct_ortho
+    from voiceprint.features.mfcc import MFCC_BANDS, _dct_ortho
 
     expected = scipy_fft.dct(np.eye(MFCC_BANDS), type=2, norm="ortho", axis=0)[:20].T
     np.testing.assert_allclose(_dct_ortho(MFCC_BANDS, 20), expected, rtol=0, atol=2e-15)
