@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from voiceprint import features as F
-from voiceprint.features import kernels, kinds, runner, vad as V
 from voiceprint.audio import AudioError, load_audio
+from voiceprint.features import framing, kernels, kinds, runner, vad as V
 from voiceprint.features import (
     FEATURE_KINDS,
     extract,
@@ -584,3 +584,84 @@ def test_dct_matrix_equals_scipys_dct_ii_ortho():
 
     expected = scipy_fft.dct(np.eye(MFCC_BANDS), type=2, norm="ortho", axis=0)[:20].T
     np.testing.assert_allclose(_dct_ortho(MFCC_BANDS, 20), expected, rtol=0, atol=2e-15)
+
+
+class _DiffBlockEnergy(F.FeatureKind):
+    """A toy kind, registered by the tests below: the log energy of 6-sample blocks of each frame of the signal's
+    first difference (state the streaming path must carry across pieces), minus the utterance's maximum
+    (per-utterance normalisation, applied once all frames are known)."""
+
+    def frames(self, signal, start, count, sample_rate, num_bands):
+        frame_len, frame_step = framing._frame_params(sample_rate)
+        positions = start + frame_step * np.arange(count)[:, None] + np.arange(6 * num_bands)
+        padded = np.zeros(max(positions.max() + 1, signal.shape[0]))     # zeros past the end, as the kernel
+        padded[: signal.shape[0]] = signal
+        blocks = padded[positions].reshape(count, num_bands, 6)
+        return np.log(1e-6 + np.square(blocks).sum(axis=2)).astype(np.float32)
+
+    def normalize(self, features):
+        features -= features.max()
+        return features
+
+    def stream(self, sample_rate=16000, num_bands=64):
+        return _DiffStream(self, sample_rate, num_bands)
+
+    def whole(self, signal, sample_rate=16000, num_bands=64):    # written apart from the stream on purpose
+        x = np.asarray(signal, np.float32)
+        diff = np.concatenate([x[:1], np.diff(x)])
+        return self.normalize(self.frames(diff, 0, num_frames(x.shape[0]), sample_rate, num_bands))
+
+
+class _DiffStream(F.KindStream):
+    def __init__(self, kind, sample_rate, num_bands):
+        super().__init__(kind, sample_rate, num_bands)
+        self.previous = None
+
+    def prepare(self, piece):
+        head = piece[:1] if self.previous is None else piece[:1] - self.previous
+        self.previous = piece[-1]
+        return np.concatenate([head, np.subtract(piece[1:], piece[:-1])])
+
+
+@pytest.fixture
+def toy_kind():
+    kind = F.register_feature_kind("toy_diff_energy", _DiffBlockEnergy())
+    try:
+        yield kind
+    finally:
+        del F.FEATURE_KINDS["toy_diff_energy"]
+
+
+@pytest.mark.parametrize("vad", F.VAD_KINDS)
+def test_a_kind_registered_at_test_time_streams_long_files_through_its_own_object(tmp_path, monkeypatch, toy_kind,
+                                                                                   vad):
+    p = _long_speechy_file(tmp_path / "long.wav", 4)
+    whole, whole_base = featurize_file(p, "toy_diff_energy", vad=vad)       # 4 s < 300 s: one piece
+    chunked_calls = []
+    real_chunked = runner._featurize_chunked
+    monkeypatch.setattr(runner, "_featurize_chunked", lambda *a, **k: chunked_calls.append(a) or real_chunked(*a, **k))
+    monkeypatch.setattr(runner, "LONG_FILE_SECONDS", 1.0)
+    monkeypatch.setattr(runner, "CHUNK_SECONDS", 0.7)        # pieces that cut frames and the first difference
+    chunked, chunked_base = featurize_file(p, "toy_diff_energy", vad=vad)
+    assert len(chunked_calls) == 1 and chunked_calls[0][-1] == 0.7
+    np.testing.assert_array_equal(chunked, whole)
+    assert chunked.max() == 0.0 and chunked.shape[1] == 64                   # the kind's normalisation ran
+    np.testing.assert_allclose(chunked_base, whole_base, rtol=1e-5, atol=1e-4)
+    logmel, _ = featurize_file(p, "logmel_cmn", vad=vad)
+    assert not np.allclose(chunked, logmel)                                   # not the log-mel fallback of old
+
+
+def test_feature_kinds_are_registered_objects_and_validation_lists_the_registry(toy_kind):
+    from voiceprint.bundle import parse_features
+    from voiceprint.contracts import FeatureParams
+    from voiceprint.params import Params
+
+    params = {"kind": "logmel_cmn", "min_seconds": 0.5, "vad": "original", "max_clipped_fraction": 0.01}
+    assert list(F.FEATURE_KINDS) == ["fbank_norm", "logmel_cmn", "toy_diff_energy"]
+    assert all(isinstance(k, F.FeatureKind) and k.name == name for name, k in F.FEATURE_KINDS.items())
+    assert FeatureParams.read(Params({"features": {**params, "kind": "toy_diff_energy"}})).kind == "toy_diff_energy"
+    assert parse_features({**F.FeatureSettings().to_dict(), "kind": "toy_diff_energy"}, "t").kind == "toy_diff_energy"
+    with pytest.raises(ValueError, match="registered already"):
+        F.register_feature_kind("toy_diff_energy", _DiffBlockEnergy())
+    with pytest.raises(ValueError, match="valid kinds: fbank_norm, logmel_cmn, toy_diff_energy"):
+        featurize_file("never-read.wav", "nope")

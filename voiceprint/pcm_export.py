@@ -92,7 +92,8 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
 
 def _settings_of(model, features):
     """``features`` as FeatureSettings, checked against the model (bands) and the graph (no windows)."""
-    from voiceprint.bundle import FeatureSettings, parse_features
+    from voiceprint.bundle import parse_features
+    from voiceprint.features.settings import FeatureSettings
 
     if not isinstance(features, FeatureSettings):
         features = parse_features(dict(features), "features")
@@ -189,7 +190,8 @@ def pcm_features_function(features, *, round_features: bool = False):
     end alone, to compare with :mod:`voiceprint.features` (``features``: FeatureSettings or its dict)."""
     import tensorflow as tf
 
-    from voiceprint.bundle import FeatureSettings, parse_features
+    from voiceprint.bundle import parse_features
+    from voiceprint.features.settings import FeatureSettings
 
     if not isinstance(features, FeatureSettings):
         features = parse_features(dict(features), "features")
@@ -200,7 +202,7 @@ def pcm_features_function(features, *, round_features: bool = False):
 def pcm_function(model, features, *, round_features: bool = True, stats_lda=None):
     """A ``tf.function`` pcm ``(batch, samples)`` float32 -> ``{"embedding": (batch, D)}`` (see module docstring).
 
-    ``features``: a :class:`voiceprint.bundle.FeatureSettings` or its dict. ``round_features``: round the
+    ``features``: a :class:`voiceprint.features.FeatureSettings` or its dict. ``round_features``: round the
     features to float16 and back, as the package does before its model (True matches
     :class:`voiceprint.api.Recognizer`). ``stats_lda``: the bundle's statistics branch, joined in the graph.
     """

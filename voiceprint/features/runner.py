@@ -134,8 +134,8 @@ def featurize_file(
     *,
     vad: str = "original",
     max_clipped_fraction: float | None = None,
-    long_file_seconds: float = LONG_FILE_SECONDS,
-    chunk_seconds: float = CHUNK_SECONDS,
+    long_file_seconds: float | None = None,
+    chunk_seconds: float | None = None,
     with_mfcc_stats: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """File -> (features (frames, 64) float32 of ``kind``, mfcc_stats vector): the one way to make model input.
@@ -144,8 +144,9 @@ def featurize_file(
     (FEATURE_KINDS[kind], mfcc_stats).  ``min_seconds`` applies to the decoded audio, before the VAD;
     ``max_clipped_fraction`` as in :func:`voiceprint.audio.load_audio` (None: no check).
 
-    A file longer than ``long_file_seconds`` (by its header) is decoded and featurized in chunks of
-    ``chunk_seconds``, never holding more than one chunk of audio: same features (bit-identical in tests), and
+    A file longer than ``long_file_seconds`` (by its header; None: :data:`LONG_FILE_SECONDS`) is decoded and
+    featurized in chunks of ``chunk_seconds`` (None: :data:`CHUNK_SECONDS`), never holding more than one chunk of
+    audio, through the kind's :meth:`~voiceprint.features.kinds.FeatureKind.stream`: same features (bit-identical in tests), and
     the same mfcc_stats up to float rounding (merged per-chunk float64 sums instead of one mean and std).  Each
     pass over the chunks decodes the file again (4 passes with the ``original`` VAD, 3 with ``energy``).
 
@@ -160,6 +161,8 @@ def featurize_file(
     """
     fn = _check_kind(kind)
     _check_vad(vad)
+    long_file_seconds = LONG_FILE_SECONDS if long_file_seconds is None else long_file_seconds
+    chunk_seconds = CHUNK_SECONDS if chunk_seconds is None else chunk_seconds
     with open_audio(path) as fh:
         chunked = fh.frames / fh.samplerate > long_file_seconds
         if not chunked:

@@ -24,7 +24,9 @@ class FeatureSettings:
     window_frames: int = 0          # 0 = the whole utterance in one pass
     hop_frames: int = 80
     vad: str | None = "original"    # None: a bundle from before the ``vad`` option (featurize_file's default)
-    max_clipped_fraction: float | None = 0.01   # not stored: bundles and stores were made with the pipeline's
+    # Files with more samples than this at full scale are rejected (params.yaml features.max_clipped_fraction).
+    # Not stored in a bundle: served files get the pipeline's default rule, not a score the calibration never saw.
+    max_clipped_fraction: float | None = 0.01
 
     def to_dict(self) -> dict:
         """The bundle's ``features`` (thresholds.json)."""
