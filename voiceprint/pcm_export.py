@@ -78,7 +78,9 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
         window = filterbanks._ones(frame_len)
         bank = filterbanks._psf_filterbank(num_bands, nfft, sample_rate, 1.0 / nfft)
     else:
-        raise DataError(f"unknown feature kind {kind!r}; valid kinds: {', '.join(sorted(F.FEATURE_KINDS))}")
+        # A registered kind computes in numpy; its graph twin has to be written here too (none is silently assumed).
+        raise DataError(f"feature kind {kind!r} has no in-graph front end; PCM export supports: fbank_norm, "
+                        f"logmel_cmn (registered kinds: {', '.join(sorted(F.FEATURE_KINDS))})")
     used = min(frame_len, nfft)
     n = np.arange(used)[:, None]
     k = np.arange(bins)[None, :]
