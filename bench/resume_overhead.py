@@ -1,5 +1,5 @@
-"""What the per-epoch checkpoint (voiceprint/resume.py) costs: softmax training with the params.yaml settings,
-with and without it, plus the time of one checkpoint write at that model size and the file's size.
+"""What the per-epoch resume state (voiceprint/resume.py) costs: softmax training with the params.yaml settings,
+with and without it, plus the time of one resume-state write at that model size and the file's size.
 
     python bench/resume_overhead.py [--epochs 2]        # from the repo root, after `dvc repro model_inputs`
 
@@ -25,7 +25,7 @@ from voiceprint.runtime import configure_tensorflow  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=2, help="epochs per configuration (default 2)")
-    parser.add_argument("--writes", type=int, default=5, help="timed checkpoint writes (default 5)")
+    parser.add_argument("--writes", type=int, default=5, help="timed resume-state writes (default 5)")
     args = parser.parse_args()
 
     p = dataclasses.replace(SoftmaxSettings.read(load_params()), epochs=args.epochs)
@@ -35,7 +35,7 @@ def main() -> None:
     import keras
 
     from voiceprint.models import build_rescnn
-    from voiceprint.resume import Checkpoint, Snapshot
+    from voiceprint.resume import ResumeState, Snapshot
     from voiceprint.splits import read_split
     from voiceprint.store import FeatureStore
     from voiceprint.training import train_softmax
@@ -51,11 +51,11 @@ def main() -> None:
         seconds = {}
         for label in ("without", "with"):
             configure_tensorflow(fit["seed"])
-            checkpoint = Checkpoint(Path(scratch) / label, "bench") if label == "with" else None
+            resume_state = ResumeState(Path(scratch) / label, "bench") if label == "with" else None
             start = time.perf_counter()
-            train_softmax(store, split, p, checkpoint=checkpoint, verbose=0)
+            train_softmax(store, split, p, resume_state=resume_state, verbose=0)
             seconds[label] = time.perf_counter() - start
-            print(f"{label:>7} checkpoint: {seconds[label]:7.1f} s for {args.epochs} epochs "
+            print(f"{label:>7} resume state: {seconds[label]:7.1f} s for {args.epochs} epochs "
                   f"({seconds[label] / args.epochs:.1f} s/epoch, model build and tracing included)", flush=True)
 
         # One write of the full training state at this size, as _EpochEnds does after every epoch.
@@ -64,7 +64,7 @@ def main() -> None:
         classifier.optimizer.build(classifier.trainable_variables)
         state = list(classifier.variables) + list(classifier.optimizer.variables)
         history = [{"epoch": e, "loss": 1.0, "accuracy": 0.5} for e in range(1, 17)]
-        target = Checkpoint(Path(scratch) / "write", "bench")
+        target = ResumeState(Path(scratch) / "write", "bench")
         times = []
         for _ in range(args.writes):
             start = time.perf_counter()
@@ -73,7 +73,7 @@ def main() -> None:
         size = target.path.stat().st_size
     write = statistics.median(times)
     per_epoch = seconds["without"] / args.epochs
-    print(f"checkpoint write: {write * 1000:.0f} ms median of {args.writes} ({size / 2**20:.1f} MiB, "
+    print(f"resume-state write: {write * 1000:.0f} ms median of {args.writes} ({size / 2**20:.1f} MiB, "
           f"{len(state)} variables) = {100 * write / per_epoch:.2f}% of a {per_epoch:.1f} s epoch")
     print(f"epoch-time difference with - without: {(seconds['with'] - seconds['without']) / args.epochs:+.2f} "
           "s/epoch (noise on a shared machine)")

@@ -1,8 +1,8 @@
 """Stage evaluate: score the evaluation trials with every system, write metrics/eval.json and figures, and
 package the deployed system with its calibrated thresholds as models/voiceprint
-(evaluate.* params, and tdnn.fusion / tdnn.fusion_weight).
+(evaluate.* params: voiceprint.contracts.EvaluateSettings).
 
-Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless tdnn.fusion is none)
+Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless evaluate.fusion is none)
 and the no-training MFCC baseline; with evaluate.stats_branch lda also the LDA-projected MFCC statistics
 (``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.stats_lda), which is
 then what the bundle serves; with evaluate.score_norm as_norm also that served system's AS-normalised scores
@@ -17,55 +17,41 @@ the bundle as llr_calibration.json; the decision thresholds are measured on all 
 """
 import dataclasses
 
+from voiceprint.contracts import EvaluateSettings
 from voiceprint.outputs import write_csv, write_metrics
-from voiceprint.params import ParamsError, load_params
+from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
 
-MODELS = {"softmax": "models/softmax.keras", "base": "models/triplet.keras", "head": "models/tdnn_head.keras"}
+MODELS = {"softmax": "models/softmax.keras", "base": "models/triplet.keras"}
+HEAD_DIR = "models/tdnn_head"    # the head alone (voiceprint.models.trained_head); systems: voiceprint.systems
 TRAINING_CURVES = {"softmax": "plots/softmax.csv", "triplet": "plots/triplet.csv", "tdnn_head": "plots/tdnn_head.csv"}
 FIGURES = "plots/eval"
 BUNDLE = "models/voiceprint"
 
 
+def read_settings(params: Params) -> EvaluateSettings:
+    """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
+    return EvaluateSettings.read(params)
+
+
 def main() -> None:
-    params = load_params()
-    p = params.section("evaluate")
-    window = p.int("window_frames", min=0)
-    hop = p.int("hop_frames", min=1)
-    p_target = p.float("p_target", min=0.0, max=1.0, min_exclusive=True)
-    low_far = p.float("low_far", min=0.0, max=1.0, min_exclusive=True)
-    bootstrap = p.int("bootstrap", min=0)
-    seed = p.int("seed", min=0)
-    deploy = p.str("deploy", choices=["base", "head", "fused"])
-    cross_corpus = p.str("cross_corpus")
-    from voiceprint.score_norm import MIN_TOP_N, SCORE_NORMS
-
-    score_norm = p.str("score_norm", choices=SCORE_NORMS)
-    cohort_top_n = p.int("cohort_top_n", min=MIN_TOP_N)
-    cohort_utterances = p.int("cohort_utterances", min=1)
-    from voiceprint.stats_lda import STATS_BRANCHES
-
-    stats_branch = p.str("stats_branch", choices=STATS_BRANCHES)
-    stats_weight = p.float("stats_weight", min=0.0, max=1.0)
-    trials_file = p.str("trials")
-    calibration_share = p.float("calibration_speakers", min=0.0, max=1.0, min_exclusive=True)
-    calibration_prior = p.float("calibration_prior", min=0.0, max=1.0, min_exclusive=True)
-    check_trial_list_params(p, trials_file, calibration_prior)
-    tdnn = params.section("tdnn")
-    from voiceprint.evaluation import FUSIONS, fusion_base_weight
-
-    fusion = tdnn.str("fusion", choices=FUSIONS)
-    base_weight = fusion_base_weight(fusion, tdnn.float("fusion_weight", min=0.0, max=1.0))
-    if deploy == "fused" and base_weight is None:
-        raise ParamsError("params.yaml: evaluate.deploy: 'fused' needs tdnn.fusion concat or score, not none")
+    settings = read_settings(load_params())
+    window, hop = settings.window_frames, settings.hop_frames
+    p_target, low_far, bootstrap, seed = settings.p_target, settings.low_far, settings.bootstrap, settings.seed
+    deploy, cross_corpus, trials_file = settings.deploy, settings.cross_corpus, settings.trials
+    score_norm, cohort_top_n, cohort_utterances = settings.score_norm, settings.cohort_top_n, settings.cohort_utterances
+    stats_branch, stats_weight = settings.stats_branch, settings.stats_weight
+    calibration_share, calibration_prior = settings.calibration_speakers, settings.calibration_prior
+    base_weight = settings.base_weight()     # evaluate.fusion and fusion_weight: None for no fused system
     configure_tensorflow(seed)
     from voiceprint import metrics, plots
     from voiceprint.bundle import save_bundle
     from voiceprint.embedding import embed_utterances
-    from voiceprint.evaluation import cosine_scores, fuse, guard_against_base, report_system, znorm_baseline
-    from voiceprint.models import fuse_models
+    from voiceprint.evaluation import cosine_scores, guard_against_base, report_system, znorm_baseline
+    from voiceprint.models.trained_head import load_head
     from voiceprint.splits import read_split
+    from voiceprint.systems import Systems
     from voiceprint.store import FeatureStore
 
     store = FeatureStore.open("data/features")
@@ -82,12 +68,10 @@ def main() -> None:
         check_top_n(cohort_top_n, split[split.role == "train"].speaker.nunique())
     ev = split[split.role == "evaluation"]
     positions = store.position(ev.utterance)
-    models = {name: load_model(path, what=f"{name} model") for name, path in MODELS.items()}
-    embeddings = {name: embed_utterances(model, store, positions, window_frames=window, hop_frames=hop,
-                                         progress=True, desc=name) for name, model in models.items()}
-    if base_weight is not None:
-        embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
-        models["fused"] = fuse_models(models["base"], models["head"], base_weight)
+    systems = Systems(*(load_model(path, what=f"{name} model") for name, path in MODELS.items()),
+                      load_head(HEAD_DIR), base_weight)
+    embeddings = systems.embed(lambda model, desc: embed_utterances(
+        model, store, positions, window_frames=window, hop_frames=hop, progress=True, desc=desc))
     train = split[split.role == "train"]
     train_rows = store.position(train.utterance)
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows)[positions]
@@ -113,9 +97,8 @@ def main() -> None:
 
     calibrated, cohort = served, None
     if score_norm == "as_norm":
-        cohort = training_cohort(models, store, split, deploy=deploy, fusion=fusion, base_weight=base_weight,
-                                 per_speaker=cohort_utterances, seed=seed, window=window, hop=hop,
-                                 stats_lda=stats_lda)
+        cohort = training_cohort(systems, store, split, deploy=deploy, per_speaker=cohort_utterances, seed=seed,
+                                 window=window, hop=hop, stats_lda=stats_lda)
         calibrated = f"{served}_asnorm"
         verdicts.append(add_as_norm_system(report, scores, calibrated, served, embeddings[served], cohort,
                                            cohort_top_n, ev.utterance.to_numpy(), trials, p_target=p_target,
@@ -127,7 +110,7 @@ def main() -> None:
         report, calibrated, scores[calibrated], ev, trials, embeddings[served], cohort, cohort_top_n,
         share=calibration_share, prior=calibration_prior, p_target=p_target, seed=seed)
     features = dataclasses.replace(store.features, window_frames=window, hop_frames=hop).to_dict()
-    save_bundle(BUNDLE, models[deploy], system=served, features=features, thresholds=thresholds,
+    save_bundle(BUNDLE, systems.model(deploy), system=served, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
                 score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,
                 llr_calibration=llr_calibration, llr_fit=llr_fit, stats_lda=stats_lda,
@@ -136,7 +119,7 @@ def main() -> None:
     from voiceprint.cross_corpus import has_recordings
     if has_recordings(cross_corpus):
         report["cross_corpus"] = score_cross_corpus(
-            cross_corpus, models, store, features, train_rows, base_weight, fusion, deploy=deploy, cohort=cohort,
+            cross_corpus, systems, store, features, train_rows, deploy=deploy, cohort=cohort,
             top_n=cohort_top_n, stats_lda=stats_lda, p_target=p_target, bootstrap=bootstrap, seed=seed)
     else:
         print(f"evaluate: evaluate.cross_corpus {cross_corpus!r} holds no recordings: no cross-corpus evaluation")
@@ -165,23 +148,6 @@ def main() -> None:
           f"{100 * low_far:g}% false-accept threshold {thresholds['low_far']:.4f})")
     for line in verdicts:
         print(line)
-
-
-def check_trial_list_params(p, trials_file: str, calibration_prior: float) -> None:
-    from pathlib import Path
-
-    from voiceprint.trials import TRIALS_FOLDER
-
-    if calibration_prior >= 1.0:
-        raise p.error("calibration_prior", f"must be < 1, got {calibration_prior}")
-    if trials_file:
-        path = Path(trials_file)
-        # dvc.yaml tracks the folder: a list elsewhere could change without evaluate re-running.
-        if path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(Path(TRIALS_FOLDER).parts):
-            raise p.error("trials", f"{trials_file!r}: put the trial list under {TRIALS_FOLDER}/ (a dependency of "
-                                    "the stage in dvc.yaml), or give \"\" for the generated trials")
-        if not path.is_file():
-            raise p.error("trials", f"trial list {trials_file} not found")
 
 
 def report_listed_trials(trials_file: str, listed) -> None:
@@ -254,13 +220,13 @@ def fit_llr_on_held_out_speakers(report, system, raw_scores, ev, trials, embeddi
     return fitted, fit
 
 
-def score_cross_corpus(source, models, store, features, train_rows, base_weight, fusion, *, deploy, cohort, top_n,
-                       stats_lda=None, **report_args) -> dict:
+def score_cross_corpus(source, systems, store, features, train_rows, *, deploy, cohort, top_n, stats_lda=None,
+                       **report_args) -> dict:
     """Every system (and the MFCC baseline; with a statistics branch, mfcc_lda and the served joint system; with a
     cohort, the served system with AS-norm too) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
     from voiceprint.cross_corpus import load_eval_set
     from voiceprint.embedding import embed_features
-    from voiceprint.evaluation import as_norm_scores, cosine_scores, fuse, report_system, znorm_baseline
+    from voiceprint.evaluation import as_norm_scores, cosine_scores, report_system, znorm_baseline
     from voiceprint.runtime import default_workers
 
     eval_set = load_eval_set(source, kind=features["kind"], vad=features["vad"], sample_rate=features["sample_rate"],
@@ -269,11 +235,9 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
         for reason, rows in eval_set.rejected.groupby("reason"):
             print(f"  cross-corpus: left out {len(rows)} file(s), {reason}: " + ", ".join(rows.path.head(3))
                   + (", ..." if len(rows) > 3 else ""))
-    embeddings = {name: embed_features(model, eval_set.features, window_frames=features["window_frames"],
-                                       hop_frames=features["hop_frames"], desc=f"{name} (cross-corpus)")
-                  for name, model in models.items() if name != "fused"}
-    if base_weight is not None:
-        embeddings["fused"] = fuse(embeddings["base"], embeddings["head"], fusion, base_weight)
+    embeddings = systems.embed(lambda model, desc: embed_features(
+        model, eval_set.features, window_frames=features["window_frames"], hop_frames=features["hop_frames"],
+        desc=f"{desc} (cross-corpus)"))
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows, apply_to=eval_set.baseline)
     served = deploy
     if stats_lda is not None:
@@ -290,22 +254,19 @@ def score_cross_corpus(source, models, store, features, train_rows, base_weight,
     return out
 
 
-def training_cohort(models, store, split, *, deploy, fusion, base_weight, per_speaker, seed, window, hop,
-                    stats_lda=None):
+def training_cohort(systems, store, split, *, deploy, per_speaker, seed, window, hop, stats_lda=None):
     """The AS-norm cohort: one mean embedding per training speaker (``score_norm.speaker_cohort``), embedded by the
     served system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``; with a
     statistics branch, joined with the LDA-projected MFCC statistics), from at most ``per_speaker`` training
     utterances each: a speaker mean needs few, and this bounds the cost."""
     from voiceprint.embedding import embed_utterances
-    from voiceprint.evaluation import fuse
     from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
 
     picked = pick_cohort_utterances(split, per_speaker, seed)
     positions = store.position(picked.utterance)
-    parts = {name: embed_utterances(models[name], store, positions, window_frames=window, hop_frames=hop,
-                                    progress=True, desc=f"cohort {name}")
-             for name in (("base", "head") if deploy == "fused" else (deploy,))}
-    emb = fuse(parts["base"], parts["head"], fusion, base_weight) if deploy == "fused" else parts[deploy]
+    emb = systems.embed(lambda model, desc: embed_utterances(
+        model, store, positions, window_frames=window, hop_frames=hop, progress=True, desc=f"cohort {desc}"),
+        names=(deploy,))[deploy]
     if stats_lda is not None:
         emb = stats_lda.joint(emb, store.baseline[positions])
     return speaker_cohort(emb, picked.speaker.to_numpy())

@@ -3,8 +3,8 @@ import dataclasses
 from pathlib import Path
 
 from voiceprint.augment import MaskSettings
-from voiceprint.checkpoint import check_architecture, init_checkpoint_path
 from voiceprint.contracts import SoftmaxSettings, TrainSettings
+from voiceprint.original_h5 import check_architecture, init_checkpoint_path
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
@@ -32,12 +32,12 @@ def main() -> None:
 
     distribution = make_distribution(train.strategy, mixed_precision=train.mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
-    checkpoint = resume.stage_checkpoint(
+    resume_state = resume.stage_resume_state(
         "softmax", {**dataclasses.asdict(settings), **dataclasses.asdict(masks), "init_checkpoint": init},
         ["data/features", "data/model_inputs", *existing("data/augmented"), *([init] if init else []),
          Path(__file__)], distribution)
     trained = train_softmax(store, split, settings, init_checkpoint=init, distribution=distribution,
-                            checkpoint=checkpoint, live_dir=live_dir("softmax"),
+                            resume_state=resume_state, live_dir=live_dir("softmax"),
                             crop_transform=masks.mask if masks.masking else None)
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
@@ -49,8 +49,8 @@ def main() -> None:
         "train_loss": last["loss"], "train_accuracy": last["accuracy"],
         "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
         "classes": int(split[split.role == "train"].label.max()) + 1})
-    if checkpoint is not None:
-        checkpoint.remove()     # the outputs are written: the checkpoint has served its purpose
+    if resume_state is not None:
+        resume_state.remove()     # the outputs are written: the resume state has served its purpose
 
 
 if __name__ == "__main__":

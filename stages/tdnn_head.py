@@ -1,11 +1,14 @@
 """Stage tdnn_head: a head on the triplet model, dense on its embedding or a frame TDNN on its frame sequence
-(tdnn.* params except the fusion keys, which only the evaluate stage reads)."""
+(tdnn.* params except the fusion keys, which only the evaluate stage reads). Writes the head alone with the tap it
+reads (models/tdnn_head/, voiceprint.models.trained_head), plus the trunk only when tdnn.train_trunk trained it."""
 from voiceprint.contracts import HeadSettings
-from voiceprint.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.outputs import write_csv, write_metrics
 from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
 from voiceprint.runtime import configure_tensorflow, load_model
 from voiceprint.stage import run_stage
+
+HEAD_DIR = "models/tdnn_head"
 
 
 def read_settings(params: Params) -> HeadSettings:
@@ -17,16 +20,17 @@ def main() -> None:
     settings = read_settings(load_params())
     configure_tensorflow(settings.seed)
     from voiceprint.splits import training_inputs
+    from voiceprint.models.trained_head import save_head
     from voiceprint.training import train_head
 
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")
     trained = train_head(base, store, split, settings, live_dir=live_dir("tdnn_head"))
-    save_keras_model(trained.model, "models/tdnn_head.keras")
+    save_head(HEAD_DIR, trained.head)
     write_csv("plots/tdnn_head.csv", trained.history)
     last = trained.history.iloc[-1]
     write_metrics("metrics/tdnn_head.json", {
-        "epochs": len(trained.history), "head_params": trained.head.count_params(),
+        "epochs": len(trained.history), "head_params": trained.head.head.count_params(),
         "train_loss": last["loss"], "train_accuracy": last.get("accuracy"), "val_loss": last.get("val_loss"),
         "val_accuracy": last.get("val_accuracy")})
 

@@ -3,8 +3,8 @@ params)."""
 import dataclasses
 from pathlib import Path
 
-from voiceprint.checkpoint import init_checkpoint_path
 from voiceprint.contracts import TrainSettings, TripletSettings
+from voiceprint.original_h5 import init_checkpoint_path
 from voiceprint.outputs import save_keras_model, write_csv, write_metrics
 from voiceprint.live import live_dir
 from voiceprint.params import Params, load_params
@@ -33,18 +33,18 @@ def main() -> None:
     if init is None:
         model = load_model(SOFTMAX_MODEL, what="softmax model")
     else:   # fine-tune a pretrained original Deep Speaker checkpoint instead of our softmax model
-        from voiceprint.checkpoint import architecture_of, import_original_weights
         from voiceprint.models import build_rescnn
+        from voiceprint.original_h5 import architecture_of, import_original_weights
 
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)
         print(import_original_weights(model, init).summary())
-    checkpoint = None
+    resume_state = None
     if settings.epochs:      # epochs 0 trains nothing: nothing to resume
-        checkpoint = resume.stage_checkpoint(
+        resume_state = resume.stage_resume_state(
             "triplet", {**dataclasses.asdict(settings), "init_checkpoint": init},
             ["data/features", "data/model_inputs", *existing("data/augmented"), init or SOFTMAX_MODEL,
              Path(__file__)], distribution)
-    trained = train_triplet(model, store, split, settings, distribution=distribution, checkpoint=checkpoint,
+    trained = train_triplet(model, store, split, settings, distribution=distribution, resume_state=resume_state,
                             live_dir=live_dir("triplet"))
     if not distribution.is_chief:
         return      # multi-worker: the chief writes the outputs
@@ -54,8 +54,8 @@ def main() -> None:
     write_metrics("metrics/triplet.json", {
         "epochs": len(trained.history), "steps": len(trained.history) * settings.steps_per_epoch,
         "train_loss": last.get("loss"), "val_loss": last.get("val_loss")})
-    if checkpoint is not None:
-        checkpoint.remove()     # the outputs are written: the checkpoint has served its purpose
+    if resume_state is not None:
+        resume_state.remove()     # the outputs are written: the resume state has served its purpose
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def test_two_workers_on_localhost_train_and_only_the_chief_writes(tmp_path):
     chief, worker = roots
     assert (chief / "models/softmax.keras").is_file() and (chief / "metrics/softmax.json").is_file()
     assert not any((worker / name).exists() for name in ("models", "plots", "metrics"))
-    assert not (chief / "models/checkpoints").exists()
+    assert not (chief / "models/resume").exists()
     history = pd.read_csv(chief / "plots/softmax.csv")
     assert list(history.epoch) == [1, 2]
 

@@ -149,20 +149,63 @@ def test_heads_registry():
         build_head("lstm", input_dim=6)
 
 
-def test_fused_model_outputs_the_fused_embedding(tmp_path):
-    from voiceprint.models import build_rescnn, fuse_models
+@pytest.mark.parametrize("kind", ["dense", "frame"])
+def test_fused_model_is_one_trunk_pass_and_outputs_the_fused_embedding(tmp_path, kind):
+    from voiceprint.models import attach_head, base_and_head, build_rescnn, fuse_models, head_tap, tap_model
+    from voiceprint.models import split_base_and_head
 
     configure_tensorflow(0)
     base, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=6)
-    other, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=3)
-    other = keras.Model(other.input, other.output, name="base_with_head")   # as the head model is named
-    fused = fuse_models(base, other, 0.8)
+    tap = head_tap(kind)
+    head = build_head(kind, input_dim=tap_model(base, tap).output_shape[-1], units=5, layers_count=1, dropout=0.0,
+                      output_dim=3, contexts=[[-1, 0, 1], [0]])
+    fused = fuse_models(base, head, 0.8, tap)
     x = np.random.default_rng(0).normal(size=(4, 48, 64, 1)).astype("float32")
-    expected = fuse(np.asarray(base(x)), np.asarray(other(x)), "score", 0.8)
+    base_emb, head_emb = np.asarray(base(x)), np.asarray(attach_head(base, head, tap)(x))
+    expected = fuse(base_emb, head_emb, "score", 0.8)
     np.testing.assert_allclose(np.asarray(fused(x)), expected, atol=1e-6)
+    # one trunk: the fused model holds the base's weights once, plus the head's
+    assert fused.count_params() == base.count_params() + head.count_params()
+    convs = [w for w in fused.weights if "conv" in w.path and w.path.endswith("kernel")]
+    assert len(convs) == len([w for w in base.weights if "conv" in w.path and w.path.endswith("kernel")])
+    both = split_base_and_head(np.asarray(base_and_head(base, head, tap)(x)), 6)
+    np.testing.assert_allclose(both[0], base_emb, atol=1e-6)
+    np.testing.assert_allclose(both[1], head_emb, atol=1e-6)
     fused.save(tmp_path / "fused.keras")              # standard layers only: loads in safe mode
     again = keras.saving.load_model(tmp_path / "fused.keras", safe_mode=True)
     np.testing.assert_allclose(np.asarray(again(x)), expected, atol=1e-6)
+
+
+def test_head_is_saved_alone_with_its_tap_and_a_trained_trunk_only_when_there_is_one(tmp_path):
+    from voiceprint.errors import DataError, MissingFileError
+    from voiceprint.models import build_rescnn, tap_model
+    from voiceprint.models.trained_head import TrainedHead, load_head, save_head
+
+    configure_tensorflow(0)
+    base, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=6)
+    head = build_head("frame", input_dim=tap_model(base, "frames").output_shape[-1], units=5, layers_count=1,
+                      dropout=0.0, output_dim=3, contexts=[[0]])
+    x = np.random.default_rng(1).normal(size=(2, 40, 64, 1)).astype("float32")
+    save_head(tmp_path / "frozen", TrainedHead(head, "frame", "frames"))
+    assert sorted(p.name for p in (tmp_path / "frozen").iterdir()) == ["head.json", "head.keras"]
+    frozen = load_head(tmp_path / "frozen")
+    assert (frozen.kind, frozen.tap, frozen.trunk) == ("frame", "frames", None)
+    np.testing.assert_allclose(np.asarray(frozen.fused(base, 0.5)(x)),
+                               np.asarray(TrainedHead(head, "frame", "frames").fused(base, 0.5)(x)), atol=1e-6)
+    own_trunk, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=0, embedding_dim=6)
+    save_head(tmp_path / "joint", TrainedHead(head, "frame", "frames", own_trunk))
+    joint = load_head(tmp_path / "joint")
+    assert (tmp_path / "joint" / "trunk.keras").is_file()
+    conv_kernels = [w for w in base.weights if "conv" in w.path and w.path.endswith("kernel")]
+    assert len([w for w in joint.fused(base, 0.5).weights if "conv" in w.path and w.path.endswith("kernel")]) \
+        == 2 * len(conv_kernels)                        # its own trained trunk runs beside the base's
+    np.testing.assert_allclose(np.asarray(joint.system(base)(x)),
+                               np.asarray(TrainedHead(head, "frame", "frames", own_trunk).system(base)(x)), atol=1e-6)
+    (tmp_path / "frozen" / "head.json").write_text('{"kind": "frame", "tap": "time"}')
+    with pytest.raises(DataError, match="head.json"):
+        load_head(tmp_path / "frozen")
+    with pytest.raises(MissingFileError, match="tdnn_head"):
+        load_head(tmp_path / "nothing")
 
 
 def test_paired_interval_of_the_eer_difference():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 
 from voiceprint.live import EpochLog, logged_steps
-from voiceprint.resume import Checkpoint
+from voiceprint.resume import ResumeState
 
 ROWS = [{"epoch": 1, "loss": 2.0, "val_loss": 2.5}, {"epoch": 2, "loss": 1.5, "val_loss": 2.25},
         {"epoch": 3, "loss": 1.25, "val_loss": 2.125}]
@@ -34,21 +34,21 @@ def test_each_epoch_is_a_step_in_dvclive_files(tmp_path):
 def test_a_resumed_run_continues_the_log_and_repairs_a_missing_epoch(tmp_path):
     straight, resumed, behind = tmp_path / "straight", tmp_path / "resumed", tmp_path / "behind"
     _write(straight, ROWS)
-    _write(resumed, ROWS[:1])                   # killed after epoch 1 (checkpoint and log agree) ...
+    _write(resumed, ROWS[:1])                   # killed after epoch 1 (resume state and log agree) ...
     _write(resumed, ROWS[1:], done=ROWS[:1])    # ... resumed: the same log goes on from step 1
-    _write(behind, ROWS[:1])                    # killed between epoch 2's checkpoint and its log row ...
-    _write(behind, ROWS[2:], done=ROWS[:2])     # ... the row comes from the checkpoint's history
+    _write(behind, ROWS[:1])                    # killed between epoch 2's resume state and its log row ...
+    _write(behind, ROWS[2:], done=ROWS[:2])     # ... the row comes from the resume state's history
     for directory in (resumed, behind):
         for name in ("loss", "val_loss"):
             assert _tsv(directory, name) == _tsv(straight, name), (directory, name)
         assert (directory / "metrics.json").read_text() == (straight / "metrics.json").read_text()
 
 
-def test_a_log_that_does_not_match_the_checkpoint_is_written_anew(tmp_path):
-    _write(tmp_path / "live", ROWS)             # three steps, but the checkpoint says one epoch is done
+def test_a_log_that_does_not_match_the_resume_state_is_written_anew(tmp_path):
+    _write(tmp_path / "live", ROWS)             # three steps, but the resume state says one epoch is done
     _write(tmp_path / "live", ROWS[1:2], done=ROWS[:1])
     assert _tsv(tmp_path / "live", "loss") == [(0, 2.0), (1, 1.5)]
-    _write(tmp_path / "fresh", ROWS[:1])        # no checkpoint: a new run starts a new log
+    _write(tmp_path / "fresh", ROWS[:1])        # no resume state: a new run starts a new log
     _write(tmp_path / "fresh", ROWS[:1])
     assert logged_steps(tmp_path / "fresh") == [0]
 
@@ -58,8 +58,8 @@ def test_an_empty_log_still_has_its_declared_folders(tmp_path):
     assert (tmp_path / "live" / "plots" / "metrics").is_dir() and logged_steps(tmp_path / "live") == []
 
 
-class _Watching(Checkpoint):
-    """A checkpoint that records, each time an epoch is saved, the steps already in the live log."""
+class _Watching(ResumeState):
+    """A resume state that records, each time an epoch is saved, the steps already in the live log."""
 
     def __init__(self, directory, live_dir):
         super().__init__(directory, "f")
@@ -78,17 +78,17 @@ def test_training_writes_each_epoch_to_the_live_log_while_it_runs(tmp_path):
 
     store, split = write_tiny_inputs(tmp_path / "inputs", speakers=4, utterances=3)
     live_dir = tmp_path / "dvclive" / "softmax"
-    checkpoint = _Watching(tmp_path / "checkpoint", live_dir)
+    resume_state = _Watching(tmp_path / "resume", live_dir)
     configure_tensorflow(3)
     trained = train_softmax(store, split, SoftmaxSettings(epochs=3, batch_size=4, lr=1e-3, seed=3, **TINY_MODEL),
-                            verbose=0, checkpoint=checkpoint, live_dir=live_dir)
-    # When epoch n's checkpoint is saved, steps 0 .. n-2 (epochs 1 .. n-1) are already on disk.
-    assert checkpoint.seen == [(1, []), (2, [0]), (3, [0, 1])]
+                            verbose=0, resume_state=resume_state, live_dir=live_dir)
+    # When epoch n's resume state is saved, steps 0 .. n-2 (epochs 1 .. n-1) are already on disk.
+    assert resume_state.seen == [(1, []), (2, [0]), (3, [0, 1])]
     assert [v for _, v in _tsv(live_dir, "loss")] == trained.history["loss"].tolist()
     assert [v for _, v in _tsv(live_dir, "accuracy")] == trained.history["accuracy"].tolist()
 
 
-def test_a_row_cut_short_by_a_kill_makes_the_log_start_over_from_the_checkpoint(tmp_path):
+def test_a_row_cut_short_by_a_kill_makes_the_log_start_over_from_the_resume_state(tmp_path):
     _write(tmp_path / "live", ROWS[:2])
     tsv = tmp_path / "live" / "plots" / "metrics" / "loss.tsv"
     tsv.write_text(tsv.read_text() + "2\t")         # killed while DVCLive appended epoch 3's row

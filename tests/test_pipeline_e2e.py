@@ -121,7 +121,7 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     assert "head.eer" in changed and "base.eer" not in changed
 
     # Fusion is scored by evaluate alone; a frame TDNN with another loss retrains only the head.
-    assert experiment("tdnn.fusion=score", "tdnn.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
+    assert experiment("evaluate.fusion=score", "evaluate.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
     report = json.loads((root / "metrics/eval.json").read_text())
     assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
     calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())

@@ -1,4 +1,4 @@
-"""Resuming interrupted training: fingerprinted checkpoints, bit-exact resumed runs, and a stage killed mid-epoch."""
+"""Resuming interrupted training: fingerprinted resume states, bit-exact resumed runs, and a stage killed mid-epoch."""
 import json
 import logging
 import os
@@ -15,8 +15,8 @@ import yaml
 
 from tests.conftest import REPO
 from voiceprint.contracts import SoftmaxSettings, TripletSettings
-from voiceprint.resume import CHECKPOINT_FILE, CHECKPOINT_ROOT, Checkpoint, Snapshot, enabled, fingerprint, \
-    stage_checkpoint
+from voiceprint.resume import RESUME_ROOT, STATE_FILE, ResumeState, Snapshot, enabled, fingerprint, \
+    stage_resume_state
 from voiceprint.runtime import configure_tensorflow
 from voiceprint.store import FeatureStore, StoreWriter
 
@@ -75,7 +75,7 @@ def _weights(model):
     return b"".join(np.asarray(w).tobytes() for w in model.weights)
 
 
-# --- fingerprints and the checkpoint file ---
+# --- fingerprints and the resume state's file ---
 
 def test_fingerprint_covers_settings_and_bytes_not_location(tmp_path):
     for name in ("a", "b"):
@@ -83,7 +83,7 @@ def test_fingerprint_covers_settings_and_bytes_not_location(tmp_path):
         (tmp_path / name / "sub/x.bin").write_bytes(b"\x00\x01")
         (tmp_path / name / "y.txt").write_text("y")
     base = fingerprint({"lr": 0.001, "filters": [4, 8]}, [tmp_path / "a"])
-    # pinned: a change of the scheme invalidates every checkpoint, which must be deliberate
+    # pinned: a change of the scheme invalidates every saved resume state, which must be deliberate
     assert base == "b8bc4e79e8b3aafb74611509ecd2f43ca4e1e88f945b9df4d89c1121f808ef82"
     assert fingerprint({"filters": [4, 8], "lr": 0.001}, [tmp_path / "b"]) == base     # key order, location
     assert fingerprint({"lr": 0.002, "filters": [4, 8]}, [tmp_path / "a"]) != base
@@ -93,22 +93,22 @@ def test_fingerprint_covers_settings_and_bytes_not_location(tmp_path):
         fingerprint({}, [tmp_path / "missing"])
 
 
-def test_stage_checkpoint_fingerprints_where_training_runs(tmp_path, monkeypatch):
+def test_stage_resume_state_fingerprints_where_training_runs(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     (tmp_path / "data").write_text("d")
     one = SimpleNamespace(name="auto", replicas=1, precision="float32", is_chief=True)
     monkeypatch.delenv("VOICEPRINT_RESUME", raising=False)
-    checkpoint = stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], one)
-    assert checkpoint.directory == CHECKPOINT_ROOT / "softmax" and checkpoint.writer
+    resume_state = stage_resume_state("softmax", {"lr": 0.001}, [tmp_path / "data"], one)
+    assert resume_state.directory == RESUME_ROOT / "softmax" and resume_state.writer
     others = [SimpleNamespace(**{**vars(one), key: value}) for key, value in
               (("name", "mirrored"), ("replicas", 2), ("precision", "mixed_bfloat16"))]
-    prints = {stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], d).fingerprint for d in others}
-    assert len(prints) == 3 and checkpoint.fingerprint not in prints
+    prints = {stage_resume_state("softmax", {"lr": 0.001}, [tmp_path / "data"], d).fingerprint for d in others}
+    assert len(prints) == 3 and resume_state.fingerprint not in prints
     worker = SimpleNamespace(**{**vars(one), "is_chief": False})
-    assert not stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], worker).writer
+    assert not stage_resume_state("softmax", {"lr": 0.001}, [tmp_path / "data"], worker).writer
     monkeypatch.setenv("VOICEPRINT_RESUME", "0")
-    assert stage_checkpoint("softmax", {"lr": 0.001}, [tmp_path / "data"], one) is None
+    assert stage_resume_state("softmax", {"lr": 0.001}, [tmp_path / "data"], one) is None
 
 
 def test_resume_switch(monkeypatch):
@@ -121,34 +121,34 @@ def test_resume_switch(monkeypatch):
         enabled()
 
 
-def test_checkpoint_round_trip_and_every_reason_to_start_over(tmp_path, caplog):
+def test_resume_state_round_trip_and_every_reason_to_start_over(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="voiceprint")
-    directory = tmp_path / "checkpoint"
+    directory = tmp_path / "resume"
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7], dtype=np.int64)]
     history = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
-    Checkpoint(directory, "abc").save(Snapshot(2, history, arrays))
-    assert sorted(p.name for p in directory.iterdir()) == [CHECKPOINT_FILE]     # no temporary file left
+    ResumeState(directory, "abc").save(Snapshot(2, history, arrays))
+    assert sorted(p.name for p in directory.iterdir()) == [STATE_FILE]     # no temporary file left
 
-    loaded = Checkpoint(directory, "abc").load([(2, 3), (1,)])
+    loaded = ResumeState(directory, "abc").load([(2, 3), (1,)])
     assert loaded.epoch == 2 and loaded.history == history
     for got, want in zip(loaded.arrays, arrays):
         assert got.dtype == want.dtype and np.array_equal(got, want)
     assert "resuming from" in _said(caplog)
 
-    assert Checkpoint(directory, "other").load([(2, 3), (1,)]) is None
+    assert ResumeState(directory, "other").load([(2, 3), (1,)]) is None
     assert "made with other params, inputs or code; training starts over" in _said(caplog)
-    assert Checkpoint(directory, "abc").load([(2, 3)]) is None
+    assert ResumeState(directory, "abc").load([(2, 3)]) is None
     assert "its 2 variables do not fit the model's 1" in _said(caplog)
-    (directory / CHECKPOINT_FILE).write_bytes(b"torn")
-    assert Checkpoint(directory, "abc").load([(2, 3), (1,)]) is None
+    (directory / STATE_FILE).write_bytes(b"torn")
+    assert ResumeState(directory, "abc").load([(2, 3), (1,)]) is None
     assert "it cannot be read" in _said(caplog)
-    assert Checkpoint(tmp_path / "none", "abc").load([]) is None         # nothing to resume: silent
+    assert ResumeState(tmp_path / "none", "abc").load([]) is None         # nothing to resume: silent
     assert _said(caplog) == ""
 
-    reader = Checkpoint(tmp_path / "worker", "abc", writer=False)       # multi-worker, not the chief
+    reader = ResumeState(tmp_path / "worker", "abc", writer=False)       # multi-worker, not the chief
     reader.save(Snapshot(1, history[:1], arrays))
     assert not reader.directory.exists()
-    Checkpoint(directory, "abc").remove()
+    ResumeState(directory, "abc").remove()
     assert not directory.exists()
 
 
@@ -168,7 +168,7 @@ def _fail_at(monkeypatch, batches_class, *, counter: int, batch: int, seed: int)
 
 
 def _saved_epoch(directory: Path) -> int:
-    with np.load(directory / CHECKPOINT_FILE, allow_pickle=False) as data:
+    with np.load(directory / STATE_FILE, allow_pickle=False) as data:
         return json.loads(bytes(data["meta"]).decode())["epoch"]
 
 
@@ -180,33 +180,33 @@ def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeyp
     store, split = tiny
     settings = SoftmaxSettings(epochs=3, batch_size=4, lr=1e-3, seed=5, **TINY_MODEL)
     configure_tensorflow(5)
-    straight = train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "straight", "f"),
+    straight = train_softmax(store, split, settings, resume_state=ResumeState(tmp_path / "straight", "f"),
                             verbose=0)
     assert _saved_epoch(tmp_path / "straight") == 3
 
-    # dies while reading batch 1 of the second epoch (index 1): the checkpoint holds epoch 1
+    # dies while reading batch 1 of the second epoch (index 1): the resume state holds epoch 1
     _fail_at(monkeypatch, ClassificationBatches, counter=_train_counter(1), batch=1, seed=5)
     configure_tensorflow(5)
     with pytest.raises(Exception, match="injected interruption"):
-        train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "killed", "f"), verbose=0)
+        train_softmax(store, split, settings, resume_state=ResumeState(tmp_path / "killed", "f"), verbose=0)
     assert _saved_epoch(tmp_path / "killed") == 1
     monkeypatch.undo()
 
     caplog.clear()
     configure_tensorflow(5)
-    resumed = train_softmax(store, split, settings, checkpoint=Checkpoint(tmp_path / "killed", "f"), verbose=0)
+    resumed = train_softmax(store, split, settings, resume_state=ResumeState(tmp_path / "killed", "f"), verbose=0)
     assert "1 epoch(s) done" in _said(caplog)
     assert _weights(resumed.model) == _weights(straight.model)
     pd.testing.assert_frame_equal(resumed.history, straight.history, check_exact=True)
 
-    # no checkpoint at all: the same run as before resume existed
+    # no resume state at all: the same run as before resume existed
     configure_tensorflow(5)
     plain = train_softmax(store, split, settings, verbose=0)
     assert _weights(plain.model) == _weights(straight.model)
     pd.testing.assert_frame_equal(plain.history, straight.history, check_exact=True)
 
 
-def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tmp_path, monkeypatch, caplog):
+def test_interrupted_triplet_resumes_and_a_stale_resume_state_is_not_used(tiny, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="voiceprint")
     from voiceprint.batching import SpeakerBatches
     from voiceprint.training import _train_counter, train_softmax, train_triplet
@@ -222,7 +222,7 @@ def test_interrupted_triplet_resumes_and_a_stale_checkpoint_is_not_used(tiny, tm
     def run(directory, fingerprint_value="f"):
         base.set_weights(start)
         configure_tensorflow(7)
-        return train_triplet(base, store, split, settings, checkpoint=Checkpoint(directory, fingerprint_value),
+        return train_triplet(base, store, split, settings, resume_state=ResumeState(directory, fingerprint_value),
                              verbose=0)
 
     straight = run(tmp_path / "straight")
@@ -267,14 +267,14 @@ def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=straight, env=stage_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert not (straight / "models/checkpoints").exists()      # removed once the outputs are written
+    assert not (straight / "models/resume").exists()      # removed once the outputs are written
 
-    checkpoint_dir = killed / "models/checkpoints/softmax"
+    state_dir = killed / "models/resume/softmax"
     proc = subprocess.Popen([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
-        while not (checkpoint_dir / CHECKPOINT_FILE).exists():     # the first epoch is done ...
+        while not (state_dir / STATE_FILE).exists():     # the first epoch is done ...
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -282,20 +282,20 @@ def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    epochs_done = _saved_epoch(checkpoint_dir)
+    epochs_done = _saved_epoch(state_dir)
     assert 1 <= epochs_done < SOFTMAX_STAGE["epochs"] and not (killed / "models/softmax.keras").exists()
 
     rerun = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from models/checkpoints/softmax/{CHECKPOINT_FILE}: {epochs_done} epoch(s) done" in rerun.stderr
+    assert f"resuming from models/resume/softmax/{STATE_FILE}: {epochs_done} epoch(s) done" in rerun.stderr
     for output in ("models/softmax.keras", "plots/softmax.csv"):
         assert (killed / output).read_bytes() == (straight / output).read_bytes(), output
-    # the live log went on from the checkpoint: the same rows as the uninterrupted run's, one per epoch
+    # the live log went on from the resume state: the same rows as the uninterrupted run's, one per epoch
     live = Path("dvclive/softmax")
     tables = sorted(p.relative_to(straight) for p in (straight / live / "plots/metrics").glob("*.tsv"))
     assert {t.name for t in tables} >= {"loss.tsv", "accuracy.tsv", "val_loss.tsv", "val_accuracy.tsv"}
     for output in [*tables, live / "metrics.json"]:
         assert (killed / output).read_text() == (straight / output).read_text(), output
     assert len((straight / live / "plots/metrics/loss.tsv").read_text().splitlines()) == 1 + SOFTMAX_STAGE["epochs"]
-    assert not (killed / "models/checkpoints").exists()
+    assert not (killed / "models/resume").exists()

@@ -142,6 +142,8 @@ def test_stale_features_temp_dirs_are_removed_at_the_next_start(corpus):
      "evaluate.trials: trial list data/trials/nowhere.txt not found"),
     ("evaluate", "evaluate", {"calibration_prior": 1.0}, "evaluate.calibration_prior: must be < 1, got 1.0"),
     ("evaluate", "evaluate", {"calibration_speakers": 0}, "evaluate.calibration_speakers: must be > 0.0"),
+    ("evaluate", "evaluate", {"fusion": "none"}, "evaluate.deploy: 'fused' needs evaluate.fusion concat or score"),
+    ("evaluate", "tdnn", {"fusion": "score"}, "tdnn.fusion: moved to evaluate.fusion; set evaluate.fusion instead"),
     ("softmax", "softmax", {"init_checkpoint": "checkpoints/none.h5"},
      "softmax.init_checkpoint: checkpoint file checkpoints/none.h5 not found"),
     ("triplet", "triplet", {"init_checkpoint": "/tmp/x.h5"},
@@ -234,9 +236,9 @@ def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
     from voiceprint.api import InputError
     from voiceprint.audio import AudioError
     from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
-    from voiceprint.checkpoint import CheckpointError
     from voiceprint.errors import MissingFileError, VoiceprintError
     from voiceprint.fetch import FetchError
+    from voiceprint.original_h5 import CheckpointError
     from voiceprint.params import ParamsError
     from voiceprint.registry import RegistryError
     from voiceprint.splits import SplitError
@@ -278,7 +280,7 @@ def test_training_stages_depend_on_the_init_checkpoint_file_they_read_not_the_fo
 
 
 def test_no_init_checkpoint_means_none():
-    from voiceprint.checkpoint import init_checkpoint_path
+    from voiceprint.original_h5 import init_checkpoint_path
 
     assert init_checkpoint_path("checkpoints/none", "softmax.init_checkpoint") is None
     assert init_checkpoint_path("", "softmax.init_checkpoint") is None

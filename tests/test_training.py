@@ -99,7 +99,8 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
         configure_tensorflow(2)
         runs.append(train_head(base, store, split, HeadSettings(kind="frame", loss="aam_softmax", epochs=2, **HEAD),
                                verbose=0))
-    assert _weights(runs[0].head) == _weights(runs[1].head)
+    assert _weights(runs[0].head.head) == _weights(runs[1].head.head)
+    assert runs[0].head.tap == "frames" and runs[0].head.trunk is None      # a frozen trunk is not the head's
     pd.testing.assert_frame_equal(runs[0].history, runs[1].history)
 
     base_weights = _weights(base)
@@ -109,11 +110,12 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
     assert trunk is not base and _weights(trunk) != base_weights    # a copy of the trunk trained jointly ...
     assert not trunk.trainable                                      # ... and is frozen again in the result
     assert _weights(base) == base_weights                           # the caller's base did not move
+    assert joint.head.trunk is trunk                                # the trained trunk is saved with the head
 
 
 def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
-    from voiceprint.checkpoint import export_original_weights
     from voiceprint.models import build_rescnn
+    from voiceprint.original_h5 import export_original_weights
     from voiceprint.training import train_softmax
 
     store, split = tiny

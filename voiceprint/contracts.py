@@ -2,10 +2,10 @@
 part of one), with every key's type, default, bounds or choices and a line of help.
 
 The defaults are params.yaml's (tests/test_contracts.py checks that). Choices come from the registries (losses,
-heads, feature kinds, VADs, learning-rate schedules, strategies, sources), read when a contract is read, so a loss
-or head registered later is a valid choice; this module imports none of them itself, so reading the data or
-features params does not load Keras. The augment section's two contracts live beside the code that uses them
-(voiceprint.augment.AugmentSettings and MaskSettings).
+heads, feature kinds, VADs, learning-rate schedules, strategies, sources, fusions, score normalisations,
+statistics branches), read when a contract is read, so a loss or head registered later is a valid choice; this
+module imports none of them itself, so reading the data or features params does not load Keras. The augment
+section's two contracts live beside the code that uses them (voiceprint.augment.AugmentSettings and MaskSettings).
 
 A stage reads its contracts with ``Contract.read(load_params())`` and passes them to the package, e.g.
 ``train_head(base, store, split, HeadSettings.read(params))``; each stage's ``read_settings(params)`` reads all it
@@ -64,6 +64,21 @@ def _lr_schedules():
 def _strategies():
     from voiceprint.distribute import STRATEGIES
     return STRATEGIES
+
+
+def _score_norms():
+    from voiceprint.score_norm import SCORE_NORMS
+    return SCORE_NORMS
+
+
+def _stats_branches():
+    from voiceprint.stats_lda import STATS_BRANCHES
+    return STATS_BRANCHES
+
+
+def _fusions():
+    from voiceprint.evaluation import FUSIONS
+    return FUSIONS
 
 
 def _tdnn_context(context):
@@ -199,7 +214,7 @@ _LOSS_KEYS = ("alpha", "margin", "scale")
 
 @dataclass(frozen=True)
 class HeadSettings(Contract):
-    """Stage tdnn_head: a head trained on the triplet model (tdnn.* but fusion*, which evaluate reads)."""
+    """Stage tdnn_head: a head trained on the triplet model."""
     section = "tdnn"
     kind: str = setting("dense", "a registered head (voiceprint.models.HEADS): dense | frame", choices=_heads)
     units: int = setting(512, "dense and segment layer width", min=1)
@@ -240,3 +255,67 @@ class HeadSettings(Contract):
     def head_builder_settings(self) -> dict:
         return {"units": self.units, "layers_count": self.layers, "dropout": self.dropout,
                 "output_dim": self.output_dim, "contexts": self.contexts, **self.head_args}
+
+
+# the systems evaluate can package as models/voiceprint
+DEPLOYABLE = ("base", "head", "fused")
+# voiceprint.score_norm.MIN_TOP_N (one cohort score has no spread), not imported so that every stage's contracts
+# stay free of numpy; tests/test_contracts.py checks that the two agree
+MIN_COHORT_TOP_N = 2
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Contract):
+    """Stage evaluate: scoring every system, the fusion of base and head, the deployed bundle and its calibration."""
+    section = "evaluate"
+    window_frames: int = setting(0, "0 = whole utterance in one pass; else mean over windows of this many frames",
+                                 min=0)
+    hop_frames: int = setting(80, "hop between those windows, frames", min=1)
+    p_target: float = setting(0.01, "minDCF prior", min=0.0, max=1.0, min_exclusive=True)
+    low_far: float = setting(0.01, "false-accept rate of the bundle's low_far threshold", min=0.0, max=1.0,
+                             min_exclusive=True)
+    fusion: str = setting("concat", "none | concat (base + head embeddings) | score (weighted mean of cosines)",
+                          choices=_fusions)
+    fusion_weight: float = setting(0.5, "score fusion: weight of the base score", min=0.0, max=1.0)
+    deploy: str = setting("fused", "system packaged as models/voiceprint: base | head | fused (needs a fusion)",
+                          choices=DEPLOYABLE)
+    bootstrap: int = setting(200, "speaker-bootstrap replicates for the EER 95% interval", min=0)
+    seed: int = setting(123, "seed of the bootstrap, cohort, calibration split and projection", min=0)
+    cross_corpus: str = setting("data/cross_corpus", "recordings of a corpus never trained on (none there: skipped)")
+    score_norm: str = setting("none", "none (cosine) | as_norm (adaptive symmetric normalisation)",
+                              choices=_score_norms)
+    cohort_top_n: int = setting(100, "as_norm: closest cohort speakers per utterance", min=MIN_COHORT_TOP_N)
+    cohort_utterances: int = setting(3, "as_norm: training utterances embedded per cohort speaker", min=1)
+    stats_branch: str = setting("none", "none | lda (join LDA-projected MFCC statistics)", choices=_stats_branches)
+    stats_weight: float = setting(0.5, "lda: share of the statistics branch in the joint score", min=0.0, max=1.0)
+    trials: str = setting("", "\"\": the generated trials; else a Kaldi or VoxCeleb list under data/trials/")
+    calibration_speakers: float = setting(0.5, "share of the evaluation speakers the LLR calibration is fitted on",
+                                          min=0.0, max=1.0, min_exclusive=True)
+    calibration_prior: float = setting(0.5, "effective prior of the calibration's logistic regression", min=0.0,
+                                       max=1.0, min_exclusive=True)
+
+    def validate(self, section: Params) -> "EvaluateSettings":
+        from pathlib import Path
+
+        from voiceprint.trials import TRIALS_FOLDER
+
+        if self.deploy == "fused" and self.fusion == "none":
+            raise section.error("deploy", "'fused' needs evaluate.fusion concat or score, not none")
+        if self.calibration_prior >= 1.0:
+            raise section.error("calibration_prior", f"must be < 1, got {self.calibration_prior}")
+        if self.trials:
+            path = Path(self.trials)
+            # dvc.yaml tracks the folder: a list elsewhere could change without evaluate re-running.
+            if path.is_absolute() or ".." in path.parts or path.parts[:2] != tuple(Path(TRIALS_FOLDER).parts):
+                raise section.error("trials", f"{self.trials!r}: put the trial list under {TRIALS_FOLDER}/ (a "
+                                              "dependency of the stage in dvc.yaml), or give \"\" for the "
+                                              "generated trials")
+            if not path.is_file():
+                raise section.error("trials", f"trial list {self.trials} not found")
+        return self
+
+    def base_weight(self) -> float | None:
+        """The weight of the base score in the fused system; None when there is none (fusion: none)."""
+        from voiceprint.evaluation import fusion_base_weight
+
+        return fusion_base_weight(self.fusion, self.fusion_weight)

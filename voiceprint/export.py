@@ -437,7 +437,7 @@ def main(argv=None, *, prog: str = "python -m voiceprint.export") -> int:
             return 0
         model = load_model(args.model)
         if args.format == "original_h5":
-            from voiceprint.checkpoint import export_original_weights
+            from voiceprint.original_h5 import export_original_weights
 
             out = export_original_weights(model, args.output)
         else:

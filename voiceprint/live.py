@@ -7,10 +7,10 @@ declared as the stage's metrics) and ``plots/metrics/<name>.tsv`` (one row per e
 declare these files (``Live(dvcyaml=False)``); DVCLive never makes experiments of its own inside a stage
 (``save_dvc_exp=False``).
 
-A resumed run (voiceprint/resume.py) continues the same log (``Live(resume=True)``) from its checkpoint's epoch.
-The checkpoint is saved before the epoch is logged, so a kill between the two leaves the log one epoch behind
-the checkpoint: the missing row is written from the checkpoint's history. A log torn by a kill while DVCLive wrote
-it (an epoch in some metrics' files and not others, a row cut short), or that does not match the checkpoint's
+A resumed run (voiceprint/resume.py) continues the same log (``Live(resume=True)``) from its resume state's epoch.
+The resume state is saved before the epoch is logged, so a kill between the two leaves the log one epoch behind
+the resume state: the missing row is written from the resume state's history. A log torn by a kill while DVCLive wrote
+it (an epoch in some metrics' files and not others, a row cut short), or that does not match the resume state's
 epochs at all (removed, or from another run), is written anew from that history.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def live_dir(stage: str) -> Path:
 def logged_steps(directory: str | Path) -> list[int]:
     """The steps in the log at ``directory``: those every metric's plot holds, when they all hold the same ones.
     [] when there is no log, or when a kill left it torn (a row cut short, or an epoch logged for some metrics and
-    not others): the log is then written anew from the checkpoint."""
+    not others): the log is then written anew from the resume state."""
     tables = sorted((Path(directory) / "plots" / "metrics").glob("*.tsv"))
     steps = []
     try:
@@ -62,7 +62,7 @@ class EpochLog:
         steps = logged_steps(self.directory)
         resume = bool(done) and steps == list(range(len(steps))) and len(steps) in (len(done), len(done) - 1)
         if done and not resume:
-            logger.info("%s: the live log does not match the checkpoint's %d epoch(s): written anew from it",
+            logger.info("%s: the live log does not match the resume state's %d epoch(s): written anew from it",
                         self.directory, len(done))
         self.live = Live(dir=str(self.directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=False,
                          monitor_system=False)

@@ -153,13 +153,22 @@ def _renumber_shared_ids(config, ids=None):
 
 
 def save_keras_model(model, path: str | Path) -> None:
-    """Save a ``.keras`` archive atomically and byte-reproducibly.
+    """Save a ``.keras`` archive atomically and byte-reproducibly, without optimizer state.
 
     Keras stamps the save date into metadata.json and the zip entries, and object ids into config.json; we drop
     the date, fix the entry times and renumber the ids, so identical weights give an identical file in any
-    process (DVC then sees an unchanged output).
+    process (DVC then sees an unchanged output). A compiled model would also store its optimizer (Adam: two
+    moments per weight, so twice the file); nothing reads it (fine-tuning starts a fresh optimizer, and resuming
+    keeps its own state, voiceprint.resume), so the model is saved as a fresh, uncompiled wrapper of its layers.
     """
     path = Path(path)
+    if getattr(model, "optimizer", None) is not None:
+        import keras
+
+        def one(tensors):   # a single tensor stays single, so the config is the one an uncompiled save writes
+            return tensors[0] if len(tensors) == 1 else tensors
+
+        model = keras.Model(one(model.inputs), one(model.outputs), name=model.name)
     with atomic_path(path) as tmp:
         raw = tmp.with_name("raw.keras")
         model.save(raw)

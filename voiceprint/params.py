@@ -41,8 +41,21 @@ def load_params(path: str | Path = "params.yaml") -> "Params":
         raise ParamsError(f"{path}: not valid YAML: {where}{problem or ' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    _check_moved_keys(path, data)
     _check_known_keys(path, data)
     return Params(data, source=str(path))
+
+
+# Keys that moved to another section (every key belongs to the one stage that reads it): a file, preset or
+# `dvc exp run -S` still setting the old key is told where it went, with or without a dvc.yaml beside it.
+MOVED_KEYS = {"tdnn.fusion": "evaluate.fusion", "tdnn.fusion_weight": "evaluate.fusion_weight"}
+
+
+def _check_moved_keys(path: Path, data: dict) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, _, key = old.partition(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ParamsError(f"{path}: {old}: moved to {new}; set {new} instead")
 
 
 def _check_known_keys(path: Path, data: dict) -> None:

@@ -1,17 +1,17 @@
 """Resuming an interrupted training stage from its last completed epoch.
 
-After every epoch the stage's checkpoint file (``models/checkpoints/<stage>/checkpoint.npz``) is replaced, by an
+After every epoch the stage's resume state (``models/resume/<stage>/state.npz``) is replaced, by an
 atomic rename, with the complete training state: every model variable (weights, BatchNormalization statistics,
 dropout seed state), every optimizer variable (step count, Adam moments, loss scale) and the per-epoch history
-so far. A kill at any moment leaves the previous checkpoint or the new one, never a torn one; a rerun continues
+so far. A kill at any moment leaves the previous resume state or the new one, never a torn one; a rerun continues
 after the last completed epoch. Batches are a function of (seed, epoch, batch) (voiceprint/batching.py), so the
 resumed run computes exactly what an uninterrupted run would: the same final weights, bit for bit
 (tests/test_resume.py).
 
-A checkpoint records a fingerprint of what it was made with: the stage's settings, the bytes of its inputs and the
+A resume state records a fingerprint of what it was made with: the stage's settings, the bytes of its inputs and the
 package's source code. A run whose fingerprint differs (other params, data or code) never resumes from it: it
-starts over and says so. The stage removes the checkpoint once its outputs are written: the outputs are all a
-completed stage needs, and a full-size checkpoint costs three times the model's size in disk.
+starts over and says so. The stage removes the resume state once its outputs are written: the outputs are all a
+completed stage needs, and a full-size resume state costs three times the model's size in disk.
 
 Not Keras' BackupAndRestore: it restores weights, optimizer and epoch, but not the history of earlier epochs, and
 it records nothing of the params and data it was made with.
@@ -36,8 +36,8 @@ from voiceprint.errors import DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.npz"
-CHECKPOINT_ROOT = Path("models/checkpoints")
+STATE_FILE = "state.npz"
+RESUME_ROOT = Path("models/resume")
 FORMAT = 1
 _META = "meta"                          # key of the JSON bytes in the .npz; the arrays are "v0", "v1", ...
 
@@ -66,7 +66,7 @@ def package_sources() -> list[Path]:
 
 
 def enabled() -> bool:
-    """``VOICEPRINT_RESUME`` (default 1): 0 turns checkpoints off. An environment variable, not a param: it
+    """``VOICEPRINT_RESUME`` (default 1): 0 turns saving the resume state off. An environment variable, not a param: it
     changes disk use and what an interruption costs, never results."""
     value = os.environ.get("VOICEPRINT_RESUME", "1")
     if value not in ("0", "1"):
@@ -74,8 +74,8 @@ def enabled() -> bool:
     return value == "1"
 
 
-def stage_checkpoint(stage: str, settings: dict, inputs: Iterable[str | Path], distribution) -> "Checkpoint | None":
-    """The checkpoint of training stage ``stage``, or None when ``VOICEPRINT_RESUME=0``.
+def stage_resume_state(stage: str, settings: dict, inputs: Iterable[str | Path], distribution) -> "ResumeState | None":
+    """The resume state of training stage ``stage``, or None when ``VOICEPRINT_RESUME=0``.
 
     Its fingerprint covers ``settings``, where training runs (``distribution``'s strategy, replica count and
     precision: another precision's state would not fit), the bytes of ``inputs`` (data, starting model, the stage
@@ -84,7 +84,7 @@ def stage_checkpoint(stage: str, settings: dict, inputs: Iterable[str | Path], d
         return None
     settings = {**settings, "strategy": distribution.name, "replicas": distribution.replicas,
                 "precision": distribution.precision}
-    return Checkpoint.for_stage(stage, fingerprint(settings, [*inputs, *package_sources()]),
+    return ResumeState.for_stage(stage, fingerprint(settings, [*inputs, *package_sources()]),
                                 writer=distribution.is_chief)
 
 
@@ -96,20 +96,20 @@ class Snapshot:
     arrays: list[np.ndarray]            # the values of the variables, in training-state order
 
 
-class Checkpoint:
-    """The checkpoint file of one training run, identified by ``fingerprint``.
+class ResumeState:
+    """The resume state (one ``.npz`` file) of one training run, identified by ``fingerprint``.
 
-    ``writer=False`` (multi-worker training, all but the chief): reads the chief's checkpoint (a shared filesystem
+    ``writer=False`` (multi-worker training, all but the chief): reads the chief's resume state (a shared filesystem
     is needed to resume on several machines) but never writes or removes it.
     """
 
     def __init__(self, directory: str | Path, fingerprint: str, *, writer: bool = True):
         self.directory, self.fingerprint, self.writer = Path(directory), fingerprint, writer
-        self.path = self.directory / CHECKPOINT_FILE
+        self.path = self.directory / STATE_FILE
 
     @classmethod
-    def for_stage(cls, stage: str, fingerprint: str, *, writer: bool = True) -> "Checkpoint":
-        return cls(CHECKPOINT_ROOT / stage, fingerprint, writer=writer)
+    def for_stage(cls, stage: str, fingerprint: str, *, writer: bool = True) -> "ResumeState":
+        return cls(RESUME_ROOT / stage, fingerprint, writer=writer)
 
     def load(self, shapes: list[tuple]) -> Snapshot | None:
         """The saved state if it was made with this fingerprint and fits variables of ``shapes``; else None,
@@ -135,7 +135,7 @@ class Checkpoint:
         return None
 
     def save(self, snapshot: Snapshot) -> None:
-        """Replace the checkpoint atomically (write a temporary sibling, then rename over it)."""
+        """Replace the resume state atomically (write a temporary sibling, then rename over it)."""
         if not self.writer:
             return
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "epoch": snapshot.epoch,
@@ -144,7 +144,7 @@ class Checkpoint:
         arrays = {f"v{i}": a for i, a in enumerate(snapshot.arrays)}
         arrays[_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", dir=self.directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)
@@ -154,9 +154,9 @@ class Checkpoint:
                 os.unlink(tmp)
 
     def remove(self) -> None:
-        """Delete the checkpoint directory (the stage's outputs are written)."""
+        """Delete the resume state's directory (the stage's outputs are written)."""
         if self.writer:
             shutil.rmtree(self.directory, ignore_errors=True)
-            if self.directory.parent == CHECKPOINT_ROOT:
-                with contextlib.suppress(OSError):      # not empty: another stage's checkpoint is there
-                    CHECKPOINT_ROOT.rmdir()
+            if self.directory.parent == RESUME_ROOT:
+                with contextlib.suppress(OSError):      # not empty: another stage's resume state is there
+                    RESUME_ROOT.rmdir()

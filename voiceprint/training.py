@@ -2,7 +2,7 @@
 
 Each returns the trained embedding model (features -> L2-normalised vector) and a per-epoch history table.
 Softmax and triplet training run under a tf.distribute strategy and precision (voiceprint/distribute.py) and save
-a checkpoint after every epoch to resume from (voiceprint/resume.py); see the section "Strategies, precision and
+its training state after every epoch to resume from (voiceprint/resume.py); see the section "Strategies, precision and
 resume" below.
 """
 from __future__ import annotations
@@ -17,15 +17,16 @@ import numpy as np
 import pandas as pd
 
 from voiceprint.batching import ArrayBatches, ClassificationBatches, SpeakerBatches, VectorSpeakerBatches
-from voiceprint.checkpoint import import_original_weights
 from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
 from voiceprint.distribute import Distribution, local
 from voiceprint.embedding import embed_arrays
 from voiceprint.errors import DataError
 from voiceprint.live import EpochLog
 from voiceprint.losses import get_loss, is_classification, output_layer
-from voiceprint.models import attach_head, build_head, build_rescnn, head_tap, tap_model
-from voiceprint.resume import CHECKPOINT_ROOT, Checkpoint, Snapshot
+from voiceprint.models import build_head, build_rescnn, head_tap, tap_model
+from voiceprint.models.trained_head import TrainedHead
+from voiceprint.original_h5 import import_original_weights
+from voiceprint.resume import RESUME_ROOT, ResumeState, Snapshot
 from voiceprint.store import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class Trained:
     model: keras.Model
     history: pd.DataFrame
-    head: keras.Model | None = None     # train_head: the head alone (for its size)
+    head: TrainedHead | None = None     # train_head: the head alone, its tap and (when trained) its trunk
 
 
 def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
@@ -44,7 +45,7 @@ def _roles(store: FeatureStore, split: pd.DataFrame, role: str):
 
 def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSettings, *,
                   crop_transform=None, init_checkpoint=None, distribution: Distribution | None = None,
-                  checkpoint: Checkpoint | None = None, live_dir=None, verbose: int = 2) -> Trained:
+                  resume_state: ResumeState | None = None, live_dir=None, verbose: int = 2) -> Trained:
     """Classification over the training speakers; validation = held-out utterances of the same speakers.
 
     ``settings`` (the softmax section; its ``init_checkpoint`` is not read here, see below):
@@ -55,7 +56,7 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSet
 
     ``init_checkpoint``: an original-format Deep Speaker ``.h5`` to start from (its classifier is skipped when
     the speaker count differs). ``distribution``: strategy and precision (default: one device, float32);
-    ``batch_size`` is the global batch. ``checkpoint``: saved after every epoch and resumed from (resume.py).
+    ``batch_size`` is the global batch. ``resume_state``: saved after every epoch and resumed from (resume.py).
     ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py); None: not logged."""
     s = settings
     filters, blocks, embedding_dim, frames, epochs = s.filters, s.blocks, s.embedding_dim, s.frames, s.epochs
@@ -77,14 +78,14 @@ def train_softmax(store: FeatureStore, split: pd.DataFrame, settings: SoftmaxSet
                         loss=get_loss(loss, **s.loss_settings()), metrics=["accuracy"], jit_compile=False)
     val = (ClassificationBatches(store, val_pos, val_lab, batch_size=batch_size, frames=frames, seed=seed,
                                  shuffle=False) if len(val_pos) else None)
-    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
+    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, resume_state=resume_state,
                    live_dir=live_dir, verbose=verbose)
     _copy_weights(trainer, classifier)
     return Trained(embedding, history)
 
 
 def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: TripletSettings, *,
-                  distribution: Distribution | None = None, checkpoint: Checkpoint | None = None, live_dir=None,
+                  distribution: Distribution | None = None, resume_state: ResumeState | None = None, live_dir=None,
                   verbose: int = 2) -> Trained:
     """Triplet loss on cosine similarity with hardest in-batch negatives; starts from ``model``'s weights.
     Validation loss: P x K batches of the held-out utterances of training speakers, the same every epoch.
@@ -113,7 +114,7 @@ def train_triplet(model: keras.Model, store: FeatureStore, split: pd.DataFrame, 
     if len(np.unique(val_lab)) >= 2:
         val = SpeakerBatches(store, val_pos, val_lab, steps=max(1, steps_per_epoch // 5), seed=seed + 1,
                              shuffle=False, **batches)
-    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, checkpoint=checkpoint,
+    history = _fit(trainer, train, val, epochs=epochs, distribution=distribution, resume_state=resume_state,
                    live_dir=live_dir, verbose=verbose)
     _copy_weights(trainer, model)
     return Trained(model, history)
@@ -257,14 +258,14 @@ def _at_counter(batches, counter: int):
 
 
 class _EpochEnds(keras.callbacks.Callback):
-    """Per epoch: points the validation batches at it, records the history row, saves the checkpoint (every
+    """Per epoch: points the validation batches at it, records the history row, saves the resume state (every
     worker reads the variables, a collective step under multi-worker training; only the chief writes) and then
     logs the row to the live log (live.py relies on that order to repair a kill between the two)."""
 
-    def __init__(self, validation: _ValidationOf | None, history: list[dict], checkpoint: Checkpoint | None,
+    def __init__(self, validation: _ValidationOf | None, history: list[dict], resume_state: ResumeState | None,
                  state: list, live: EpochLog | None = None):
         super().__init__()
-        self.validation, self.history, self.checkpoint, self.state = validation, history, checkpoint, state
+        self.validation, self.history, self.resume_state, self.state = validation, history, resume_state, state
         self.live = live
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -273,8 +274,8 @@ class _EpochEnds(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
-        if self.checkpoint is not None:
-            self.checkpoint.save(Snapshot(epoch + 1, list(self.history), [v.value.numpy() for v in self.state]))
+        if self.resume_state is not None:
+            self.resume_state.save(Snapshot(epoch + 1, list(self.history), [v.value.numpy() for v in self.state]))
         if self.live is not None:
             self.live.log_epoch(self.history[-1])
 
@@ -309,23 +310,23 @@ def _check_same_start(distribution: Distribution, epochs_done: int) -> None:
     per_replica = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(epochs_done))
     total = int(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
     if total != epochs_done * distribution.replicas:
-        raise DataError(f"multi-worker training: the workers found different checkpoints (this one: "
-                        f"{epochs_done} epoch(s) done); keep {CHECKPOINT_ROOT} on a filesystem all workers "
+        raise DataError(f"multi-worker training: the workers found different resume states (this one: "
+                        f"{epochs_done} epoch(s) done); keep {RESUME_ROOT} on a filesystem all workers "
                         "share, or set VOICEPRINT_RESUME=0")
 
 
 def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distribution,
-         checkpoint: Checkpoint | None, verbose: int, live_dir=None) -> pd.DataFrame:
-    """``trainer.fit`` over the batch sequences; with a checkpoint, resumed from it and saved every epoch;
+         resume_state: ResumeState | None, verbose: int, live_dir=None) -> pd.DataFrame:
+    """``trainer.fit`` over the batch sequences; with a resume state, resumed from it and saved every epoch;
     with ``live_dir``, every epoch logged there (only by the chief), a resumed run continuing the log.
     Returns the per-epoch history (restored epochs included)."""
     history, state = [], []
-    if checkpoint is not None:
+    if resume_state is not None:
         with distribution.strategy.scope():
             trainer.optimizer.build(trainer.trainable_variables)    # its variables are part of the state
         # Model variables include the dropout seed state, not the metrics (reset every epoch).
         state = list(trainer.variables) + list(trainer.optimizer.variables)
-        snapshot = checkpoint.load([tuple(v.shape) for v in state])
+        snapshot = resume_state.load([tuple(v.shape) for v in state])
         if snapshot is not None:
             for variable, value in zip(state, snapshot.arrays):
                 variable.assign(value)
@@ -333,7 +334,7 @@ def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distrib
         if distribution.name == "multi_worker":
             _check_same_start(distribution, len(history))
     live = EpochLog(live_dir, history) if live_dir is not None and distribution.is_chief else None
-    if len(history) < epochs:       # else: killed after the last epoch's checkpoint, before the outputs
+    if len(history) < epochs:       # else: killed after the last epoch's state was saved, before the outputs
         validation = _ValidationOf(val) if val is not None else None
         if distribution.name != "auto":
             _prepare_for_strategy(trainer, train[0], distribution)
@@ -341,7 +342,7 @@ def _fit(trainer: keras.Model, train, val, *, epochs: int, distribution: Distrib
         trainer.fit(_EpochMajor(train, first_epoch=len(history), epochs=epochs),
                     steps_per_epoch=len(train), shuffle=False, epochs=epochs, initial_epoch=len(history),
                     validation_data=validation, verbose=verbose,
-                    callbacks=[_EpochEnds(validation, history, checkpoint, state, live)])
+                    callbacks=[_EpochEnds(validation, history, resume_state, state, live)])
     if live is not None:
         live.close()
     return pd.DataFrame(history)
@@ -359,12 +360,15 @@ def crop_inputs(source: keras.Model, store: FeatureStore, positions, *, crops: i
 def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, settings: HeadSettings, *,
                live_dir=None, verbose: int = 2) -> Trained:
     """Train head ``settings.kind`` on the base model's tap (embedding or frame sequence) with ``settings.loss``;
-    return base+head as one model (features -> L2-normalised head embedding). ``settings``: the tdnn section
+    return base+head as one model (features -> L2-normalised head embedding) and the head on its own
+    (``Trained.head``, :class:`voiceprint.models.trained_head.TrainedHead`: what the stage saves). ``settings``: the
+    tdnn section
     (its ``head_args`` and ``loss_args`` reach the head's builder and the loss as they are).
 
     Frozen trunk (default): the tap is computed once for ``crops_per_utterance`` random crops per utterance and
     the head trains on those arrays; the returned model holds ``base`` itself, frozen. ``train_trunk``: a copy of
-    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was.
+    the trunk trains jointly, at ``trunk_lr``, on fresh crops every batch (much slower); ``base`` is left as it was
+    and the trained copy is the head's ``trunk``.
     ``live_dir``: where each epoch's metrics are logged as it ends (voiceprint/live.py).
     """
     s = settings
@@ -402,7 +406,8 @@ def train_head(base: keras.Model, store: FeatureStore, split: pd.DataFrame, sett
                        trunk=source if train_trunk else None, trunk_lr=s.trunk_lr, verbose=verbose, live_dir=live_dir,
                        **s.loss_settings())
     base.trainable = False
-    return Trained(attach_head(base, head, tap), history, head)
+    trained = TrainedHead(head, kind, tap, trunk=base if train_trunk else None)
+    return Trained(trained.system(base), history, trained)
 
 
 def _trainable_copy(model: keras.Model) -> keras.Model:

@@ -6,7 +6,8 @@ its builder takes beyond the common ones come from ``tdnn.head_args``.
 """
 import inspect
 
-from voiceprint.models.heads import TAPS, attach_head, dense_head, fuse_models, tap_model
+from voiceprint.models.heads import (TAPS, attach_head, base_and_head, dense_head, fuse_models, split_base_and_head,
+                                     tap_model)
 from voiceprint.models.rescnn import CLIP_VALUE, build_rescnn
 from voiceprint.models.tdnn import X_VECTOR_CONTEXTS, StatisticsPooling, context_to_conv, frame_tdnn
 
@@ -46,6 +47,7 @@ def build_head(kind: str, **kwargs):
     return HEADS[kind][0](**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-__all__ = ["CLIP_VALUE", "HEADS", "TAPS", "X_VECTOR_CONTEXTS", "StatisticsPooling", "attach_head", "build_head",
+__all__ = ["CLIP_VALUE", "HEADS", "TAPS", "X_VECTOR_CONTEXTS", "StatisticsPooling", "attach_head", "base_and_head",
+           "build_head",
            "build_rescnn", "context_to_conv", "dense_head", "frame_tdnn", "fuse_models", "head_settings", "head_tap",
-           "register_head", "tap_model"]
+           "register_head", "split_base_and_head", "tap_model"]

@@ -36,6 +36,28 @@ def tap_model(base: keras.Model, tap: str) -> keras.Model:
     raise ValueError(f"unknown tap {tap!r}; valid: {', '.join(TAPS)}")
 
 
+def _trunk_pass(base: keras.Model, tap: str, inputs):
+    """``(base embedding, tap output)`` of ``inputs`` from ONE pass through the trunk: the frame tap is read off
+    the way to the embedding, not computed a second time."""
+    if tap == "embedding":
+        embedding = base(inputs)
+        return embedding, embedding
+    if tap == "frames":
+        both = keras.Model(base.inputs, [base.output, base.get_layer("reshape").output], name="rescnn_and_frames")
+        embedding, frames = both(inputs)
+        return embedding, frames
+    raise ValueError(f"unknown tap {tap!r}; valid: {', '.join(TAPS)}")
+
+
+def _head_embedding(base, head, tap, inputs, head_trunk=None):
+    """(base embedding, L2-normalised head embedding): one trunk pass, or two when the head has its own
+    (trained) trunk."""
+    embedding, tapped = _trunk_pass(base, tap, inputs)
+    if head_trunk is not None:
+        tapped = tap_model(head_trunk, tap)(inputs)
+    return embedding, layers.UnitNormalization(axis=-1, name="head_ln")(head(tapped))
+
+
 def attach_head(base: keras.Model, head: keras.Model, tap: str = "embedding",
                 name: str = "base_with_head") -> keras.Model:
     """One model from features to the L2-normalised head embedding: ``ln(head(tap(base)(x)))``."""
@@ -45,12 +67,33 @@ def attach_head(base: keras.Model, head: keras.Model, tap: str = "embedding",
     return keras.Model(inputs, outputs, name=name)
 
 
-def fuse_models(base: keras.Model, with_head: keras.Model, base_weight: float,
-                name: str = "fused") -> keras.Model:
-    """One model whose output is the fused embedding [sqrt(w) base(x), sqrt(1 - w) head(x)]: its cosine is
-    w cos_base + (1 - w) cos_head (see ``voiceprint.evaluation.fuse``). ``with_head`` maps features to the
-    normalised head embedding. Built from standard layers only, so it loads in Keras safe mode."""
+def base_and_head(base: keras.Model, head: keras.Model, tap: str = "embedding", *, head_trunk=None,
+                  name: str = "base_and_head") -> keras.Model:
+    """One model, one trunk pass: features -> ``[base embedding, head embedding]`` side by side (each
+    L2-normalised; :func:`split_base_and_head` takes them apart). ``head_trunk``: the trunk the head was trained
+    with, when it was trained (``tdnn.train_trunk``); None: the head reads ``base``."""
     inputs = keras.Input(base.input_shape[1:], name="input")
-    parts = [layers.Rescaling(base_weight ** 0.5, name="base_weight")(base(inputs)),
-             layers.Rescaling((1.0 - base_weight) ** 0.5, name="head_weight")(with_head(inputs))]
+    embedding, head_embedding = _head_embedding(base, head, tap, inputs, head_trunk)
+    return keras.Model(inputs, layers.Concatenate(name="base_and_head")([embedding, head_embedding]), name=name)
+
+
+def split_base_and_head(embeddings, base_dim: int):
+    """The base and head parts of :func:`base_and_head` rows (also after averaging windows), each re-normalised."""
+    import numpy as np
+
+    parts = (embeddings[:, :base_dim], embeddings[:, base_dim:])
+    return tuple((p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+                 for p in parts)
+
+
+def fuse_models(base: keras.Model, head: keras.Model, base_weight: float, tap: str = "embedding", *,
+                head_trunk=None, name: str = "fused") -> keras.Model:
+    """One model whose output is the fused embedding [sqrt(w) base(x), sqrt(1 - w) ln(head(tap(x)))]: its cosine
+    is w cos_base + (1 - w) cos_head (see ``voiceprint.evaluation.fuse``). One trunk pass feeds both parts
+    (two only when the head has its own trained ``head_trunk``). Built from standard layers only, so it loads in
+    Keras safe mode."""
+    inputs = keras.Input(base.input_shape[1:], name="input")
+    embedding, head_embedding = _head_embedding(base, head, tap, inputs, head_trunk)
+    parts = [layers.Rescaling(base_weight ** 0.5, name="base_weight")(embedding),
+             layers.Rescaling((1.0 - base_weight) ** 0.5, name="head_weight")(head_embedding)]
     return keras.Model(inputs, layers.Concatenate(name="fused")(parts), name=name)

@@ -7,7 +7,7 @@ reshaped to (time, freq*channels), averaged over time, projected by Dense ``affi
 Time is left unspecified, so one model embeds crops and whole utterances alike.
 
 Names matter: original checkpoints load by layer name (the names of the original's ``deep_speaker/conv_models.py``,
-https://github.com/philipperemy/deep-speaker; ``voiceprint/checkpoint.py`` reads them).
+https://github.com/philipperemy/deep-speaker; ``voiceprint/original_h5.py`` reads them).
 """
 from __future__ import annotations
 
