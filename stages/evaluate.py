@@ -15,7 +15,7 @@ seeded share (evaluate.calibration_speakers) of the evaluation speakers, judged 
 others (eval.json ``calibration``: Cllr, minCllr, actDCF, minDCF of the raw and the calibrated scores), stored in
 the bundle as llr_calibration.json; the decision thresholds are measured on all trials as before.
 """
-import json
+import dataclasses
 
 from voiceprint.contracts import EvaluateSettings
 from voiceprint.outputs import write_csv, write_metrics
@@ -52,7 +52,7 @@ def main() -> None:
     from voiceprint.models.trained_head import load_head
     from voiceprint.splits import read_split
     from voiceprint.systems import Systems
-    from voiceprint.store import META_FILE, FeatureStore
+    from voiceprint.store import FeatureStore
 
     store = FeatureStore.open("data/features")
     split, trials = read_split("data/model_inputs")
@@ -109,10 +109,7 @@ def main() -> None:
     llr_calibration, llr_fit = fit_llr_on_held_out_speakers(
         report, calibrated, scores[calibrated], ev, trials, embeddings[served], cohort, cohort_top_n,
         share=calibration_share, prior=calibration_prior, p_target=p_target, seed=seed)
-    meta = json.loads((store.directory / META_FILE).read_text())
-    features = {"kind": store.kind, "vad": meta.get("vad", "original"), "num_bands": store.num_bands,
-                "sample_rate": meta.get("sample_rate", 16000), "min_seconds": meta.get("min_seconds", 0.0),
-                "window_frames": window, "hop_frames": hop}
+    features = dataclasses.replace(store.features, window_frames=window, hop_frames=hop).to_dict()
     save_bundle(BUNDLE, systems.model(deploy), system=served, features=features, thresholds=thresholds,
                 evaluation={k: report[calibrated][k] for k in ("eer", "min_dcf", "target_trials", "nontarget_trials")},
                 score_norm=score_norm, cohort=cohort, cohort_top_n=cohort_top_n if cohort is not None else None,

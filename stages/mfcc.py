@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from voiceprint.contracts import FeatureSettings
+from voiceprint.contracts import FeatureParams
 from voiceprint.errors import DataError
 from voiceprint.features import featurize_many
 from voiceprint.outputs import atomic_path, write_metrics
@@ -25,15 +25,14 @@ SAMPLE_RATE = 16000
 MIN_UTTERANCES = 2  # per speaker: fewer cannot give a target trial or a training pair
 
 
-def read_settings(params: Params) -> FeatureSettings:
+def read_settings(params: Params) -> FeatureParams:
     """Every param this stage reads (dvc.yaml lists the same; tests/test_contracts.py checks it)."""
-    return FeatureSettings.read(params)
+    return FeatureParams.read(params)
 
 
 def main() -> None:
-    settings = read_settings(load_params())
-    kind, min_seconds, vad = settings.kind, settings.min_seconds, settings.vad
-    max_clipped_fraction = settings.max_clipped_fraction
+    settings = read_settings(load_params()).settings(sample_rate=SAMPLE_RATE, num_bands=NUM_BANDS)
+    kind, vad = settings.kind, settings.vad
     # Names as written (a speaker "NA" stays "NA"); a duration left empty (unreadable header) is NaN.
     manifest = pd.read_csv(RAW / "manifest.csv", dtype={"speaker": str, "utterance": str, "path": str},
                            keep_default_na=False)
@@ -42,11 +41,9 @@ def main() -> None:
     rejected = []
     started = time.perf_counter()
     with atomic_path(FEATURES) as tmp:
-        writer = StoreWriter(tmp, num_bands=NUM_BANDS, kind=kind,
-                             meta={"vad": vad, "sample_rate": SAMPLE_RATE, "min_seconds": min_seconds})
+        writer = StoreWriter.for_features(tmp, settings)
         for i, feats, baseline, reason, message in featurize_many(
-                paths, kind, workers=default_workers(), sample_rate=SAMPLE_RATE, min_seconds=min_seconds, vad=vad,
-                max_clipped_fraction=max_clipped_fraction):
+                paths, kind, workers=default_workers(), **settings.featurize_kwargs()):
             row = manifest.iloc[i]
             if reason is not None:
                 rejected.append({"path": row.path, "speaker": row.speaker, "reason": reason, "message": message})

@@ -16,7 +16,7 @@ from voiceprint.augment import AugmentSettings, MaskSettings
 from voiceprint.params import Params, ParamsError, load_params
 
 STAGES = ["download", "mfcc", "model_inputs", "augment", "softmax", "triplet", "tdnn_head", "evaluate"]
-CONTRACTS = [C.DataSettings, C.FeatureSettings, C.ModelInputsSettings, AugmentSettings, MaskSettings,
+CONTRACTS = [C.DataSettings, C.FeatureParams, C.ModelInputsSettings, AugmentSettings, MaskSettings,
              C.SoftmaxSettings, C.TripletSettings, C.TrainSettings, C.HeadSettings, C.EvaluateSettings]
 
 
@@ -69,8 +69,8 @@ def test_choices_come_from_the_registries():
         return list(spec())
 
     assert choices(C.DataSettings, "source") == list(SOURCES)
-    assert choices(C.FeatureSettings, "kind") == sorted(FEATURE_KINDS)
-    assert choices(C.FeatureSettings, "vad") == list(VAD_KINDS)
+    assert choices(C.FeatureParams, "kind") == sorted(FEATURE_KINDS)
+    assert choices(C.FeatureParams, "vad") == list(VAD_KINDS)
     assert choices(C.SoftmaxSettings, "loss") == classification_losses() == sorted(
         name for name, loss in LOSSES.items() if loss.classification)
     assert choices(C.SoftmaxSettings, "lr_schedule") == list(LR_SCHEDULES)

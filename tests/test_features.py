@@ -12,6 +12,7 @@ import soundfile as sf
 
 from voiceprint import features as F
 from voiceprint.audio import AudioError, load_audio
+from voiceprint.features import framing, kernels, kinds, runner, vad as V
 from voiceprint.features import (
     FEATURE_KINDS,
     extract,
@@ -162,11 +163,11 @@ def test_fbank_num_bands_other_than_64_and_above_the_pairwise_block():
                                                           (512, 600, 100, -650), (16, 10, 3, 5)])
 def test_band_energies_kernel_equals_numpy_power_spectrum(nfft, frame_len, step, start):
     rng = np.random.default_rng(nfft + frame_len)
-    signal = rng.standard_normal(step * F.FFT_LANES + 1000).astype(np.float32)
+    signal = rng.standard_normal(step * kernels.FFT_LANES + 1000).astype(np.float32)
     count = (signal.shape[0] - start) // step + 2  # the last frames reach past the end
     window = rng.uniform(0.5, 1.0, frame_len)
     filterbank = rng.uniform(0, 1, (nfft // 2 + 1, 7)) * (rng.random((nfft // 2 + 1, 7)) < 0.3)
-    got = F._band_energies(signal, start, count, step, window, nfft, F._sparse_bands(filterbank))
+    got = kernels._band_energies(signal, start, count, step, window, nfft, kernels._sparse_bands(filterbank))
     # frame t = signal[start + t step :][:frame_len], zeros outside the signal; rfft(x, nfft) zero-pads shorter
     # frames and cuts longer ones
     padded = np.concatenate([np.zeros(max(0, -start)), signal, np.zeros(count * step + frame_len)])
@@ -178,7 +179,7 @@ def test_band_energies_kernel_equals_numpy_power_spectrum(nfft, frame_len, step,
 
 def test_band_energies_rejects_fft_sizes_it_cannot_do():
     with pytest.raises(ValueError, match="FFT size 514"):
-        F._fft_plan(514)  # 257 points: a prime
+        kernels._fft_plan(514)  # 257 points: a prime
 
 
 def test_frame_normalisation_is_numpys_bit_for_bit():
@@ -188,7 +189,7 @@ def test_frame_normalisation_is_numpys_bit_for_bit():
         feat[0, :2] = 0.0  # zero energies become float eps first
         expected = np.where(feat == 0, np.finfo(float).eps, feat)
         expected = np.array([(v - np.mean(v)) / max(np.std(v), 1e-12) for v in expected], dtype=np.float32)
-        np.testing.assert_array_equal(F._normalize_frames(feat), expected)
+        np.testing.assert_array_equal(kinds._normalize_frames(feat), expected)
 
 
 # --- logmel_cmn ----------------------------------------------------------------------
@@ -402,7 +403,7 @@ def test_featurize_many_unexpected_exception_becomes_error(tmp_path, monkeypatch
             raise RuntimeError("kaboom")
         return np.zeros((2, 64), np.float32), np.zeros(40, np.float32)
 
-    monkeypatch.setattr(F, "featurize_file", boom)
+    monkeypatch.setattr(runner, "featurize_file", boom)
     results = list(featurize_many(paths, "fbank_norm", workers=1, progress=False))
     assert results[0][3] == "error" and "kaboom" in results[0][4] and paths[0] in results[0][4]
     assert results[1][3] is None
@@ -521,7 +522,7 @@ def test_streamed_trim_equals_trim_silence_original():
             x[:] = x[0]  # constant: returned unchanged
         cuts = np.sort(rng.integers(0, n, size=int(rng.integers(0, 6))))
         chunks = [c for c in np.split(x, cuts) if c.size]
-        trim = F._StreamedTrim()
+        trim = V._StreamedTrim()
         for chunk in chunks:
             trim.push(chunk)
         start, stop = trim.segment(chunks)
@@ -569,7 +570,7 @@ def test_chunked_memory_does_not_grow_with_length(tmp_path):
 
 def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypatch):
     p = _long_speechy_file(tmp_path / "x.wav", 3)
-    monkeypatch.setattr(F, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
+    monkeypatch.setattr(runner, "_featurize_chunked", lambda *args, **kwargs: ("chunked", args[-1]))
     assert F.LONG_FILE_SECONDS == 300.0 and F.CHUNK_SECONDS == 20.0
     assert isinstance(featurize_file(p, "fbank_norm")[0], np.ndarray)
     assert isinstance(featurize_file(p, "fbank_norm", long_file_seconds=3.0)[0], np.ndarray)
@@ -579,7 +580,88 @@ def test_only_files_longer_than_long_file_seconds_go_chunked(tmp_path, monkeypat
 
 def test_dct_matrix_equals_scipys_dct_ii_ortho():
     scipy_fft = pytest.importorskip("scipy.fft")
-    from voiceprint.features import MFCC_BANDS, _dct_ortho
+    from voiceprint.features.mfcc import MFCC_BANDS, _dct_ortho
 
     expected = scipy_fft.dct(np.eye(MFCC_BANDS), type=2, norm="ortho", axis=0)[:20].T
     np.testing.assert_allclose(_dct_ortho(MFCC_BANDS, 20), expected, rtol=0, atol=2e-15)
+
+
+class _DiffBlockEnergy(F.FeatureKind):
+    """A toy kind, registered by the tests below: the log energy of 6-sample blocks of each frame of the signal's
+    first difference (state the streaming path must carry across pieces), minus the utterance's maximum
+    (per-utterance normalisation, applied once all frames are known)."""
+
+    def frames(self, signal, start, count, sample_rate, num_bands):
+        frame_len, frame_step = framing._frame_params(sample_rate)
+        positions = start + frame_step * np.arange(count)[:, None] + np.arange(6 * num_bands)
+        padded = np.zeros(max(positions.max() + 1, signal.shape[0]))     # zeros past the end, as the kernel
+        padded[: signal.shape[0]] = signal
+        blocks = padded[positions].reshape(count, num_bands, 6)
+        return np.log(1e-6 + np.square(blocks).sum(axis=2)).astype(np.float32)
+
+    def normalize(self, features):
+        features -= features.max()
+        return features
+
+    def stream(self, sample_rate=16000, num_bands=64):
+        return _DiffStream(self, sample_rate, num_bands)
+
+    def whole(self, signal, sample_rate=16000, num_bands=64):    # written apart from the stream on purpose
+        x = np.asarray(signal, np.float32)
+        diff = np.concatenate([x[:1], np.diff(x)])
+        return self.normalize(self.frames(diff, 0, num_frames(x.shape[0]), sample_rate, num_bands))
+
+
+class _DiffStream(F.KindStream):
+    def __init__(self, kind, sample_rate, num_bands):
+        super().__init__(kind, sample_rate, num_bands)
+        self.previous = None
+
+    def prepare(self, piece):
+        head = piece[:1] if self.previous is None else piece[:1] - self.previous
+        self.previous = piece[-1]
+        return np.concatenate([head, np.subtract(piece[1:], piece[:-1])])
+
+
+@pytest.fixture
+def toy_kind():
+    kind = F.register_feature_kind("toy_diff_energy", _DiffBlockEnergy())
+    try:
+        yield kind
+    finally:
+        del F.FEATURE_KINDS["toy_diff_energy"]
+
+
+@pytest.mark.parametrize("vad", F.VAD_KINDS)
+def test_a_kind_registered_at_test_time_streams_long_files_through_its_own_object(tmp_path, monkeypatch, toy_kind,
+                                                                                   vad):
+    p = _long_speechy_file(tmp_path / "long.wav", 4)
+    whole, whole_base = featurize_file(p, "toy_diff_energy", vad=vad)       # 4 s < 300 s: one piece
+    chunked_calls = []
+    real_chunked = runner._featurize_chunked
+    monkeypatch.setattr(runner, "_featurize_chunked", lambda *a, **k: chunked_calls.append(a) or real_chunked(*a, **k))
+    monkeypatch.setattr(runner, "LONG_FILE_SECONDS", 1.0)
+    monkeypatch.setattr(runner, "CHUNK_SECONDS", 0.7)        # pieces that cut frames and the first difference
+    chunked, chunked_base = featurize_file(p, "toy_diff_energy", vad=vad)
+    assert len(chunked_calls) == 1 and chunked_calls[0][-1] == 0.7
+    np.testing.assert_array_equal(chunked, whole)
+    assert chunked.max() == 0.0 and chunked.shape[1] == 64                   # the kind's normalisation ran
+    np.testing.assert_allclose(chunked_base, whole_base, rtol=1e-5, atol=1e-4)
+    logmel, _ = featurize_file(p, "logmel_cmn", vad=vad)
+    assert not np.allclose(chunked, logmel)                                   # not the log-mel fallback of old
+
+
+def test_feature_kinds_are_registered_objects_and_validation_lists_the_registry(toy_kind):
+    from voiceprint.bundle import parse_features
+    from voiceprint.contracts import FeatureParams
+    from voiceprint.params import Params
+
+    params = {"kind": "logmel_cmn", "min_seconds": 0.5, "vad": "original", "max_clipped_fraction": 0.01}
+    assert list(F.FEATURE_KINDS) == ["fbank_norm", "logmel_cmn", "toy_diff_energy"]
+    assert all(isinstance(k, F.FeatureKind) and k.name == name for name, k in F.FEATURE_KINDS.items())
+    assert FeatureParams.read(Params({"features": {**params, "kind": "toy_diff_energy"}})).kind == "toy_diff_energy"
+    assert parse_features({**F.FeatureSettings().to_dict(), "kind": "toy_diff_energy"}, "t").kind == "toy_diff_energy"
+    with pytest.raises(ValueError, match="registered already"):
+        F.register_feature_kind("toy_diff_energy", _DiffBlockEnergy())
+    with pytest.raises(ValueError, match="valid kinds: fbank_norm, logmel_cmn, toy_diff_energy"):
+        featurize_file("never-read.wav", "nope")

@@ -69,7 +69,7 @@ def test_mfcc_fails_clearly_when_too_little_is_usable(corpus):
 
 KILL_A_WORKER = """
 import os, runpy, signal
-import voiceprint.features as features
+import voiceprint.features.runner as features
 
 real = features._featurize_one
 

@@ -155,3 +155,27 @@ def test_shard_info_is_kept_for_up_to_date_checks(tmp_path):
                                        {"name": "b", "utterances": 2, "frames": 25}]
     _write(tmp_path / "single", _utterances(1))
     assert shard_entries(tmp_path / "single") == []
+
+
+def test_a_store_records_its_feature_settings_and_reads_them_back(tmp_path):
+    from voiceprint.contracts import FeatureParams
+    from voiceprint.features import FeatureSettings
+
+    settings = FeatureParams(kind="fbank_norm", min_seconds=1.5, vad="energy").settings(sample_rate=8000,
+                                                                                         num_bands=4)
+    w = StoreWriter.for_features(tmp_path / "new", settings)
+    w.add("u1", "s1", "s1/u1.flac", np.ones((3, 4), np.float32), np.zeros(40))
+    w.close()
+    meta = json.loads((tmp_path / "new" / "store.json").read_text())
+    assert {k: meta[k] for k in ("kind", "num_bands", "vad", "sample_rate", "min_seconds")} == {
+        "kind": "fbank_norm", "num_bands": 4, "vad": "energy", "sample_rate": 8000, "min_seconds": 1.5}
+    read = FeatureStore.open(tmp_path / "new").features
+    assert read == FeatureSettings("fbank_norm", 8000, 4, 1.5, 0, 80, "energy")
+    assert settings.featurize_kwargs() == {"sample_rate": 8000, "min_seconds": 1.5, "vad": "energy",
+                                           "max_clipped_fraction": 0.01}
+    # a store from before the meta keys: the values then in use
+    old = StoreWriter(tmp_path / "old", num_bands=4, kind="logmel_cmn")
+    old.add("u1", "s1", "s1/u1.flac", np.ones((3, 4), np.float32), np.zeros(40))
+    old.close()
+    assert FeatureStore.open(tmp_path / "old").features == FeatureSettings("logmel_cmn", 16000, 4, 0.0, 0, 80,
+                                                                           "original")

@@ -51,9 +51,6 @@ MODEL_ENV_VAR = "VOICEPRINT_MODEL"
 DEFAULT_MODEL = Path("models/voiceprint")
 AUDIO_SUFFIXES = tuple(sorted(AUDIO_EXTENSIONS))   # what a directory is searched for: what the pipeline decodes
 UNKNOWN = "unknown"
-# The pipeline's intake rule (params.yaml features.max_clipped_fraction): a file with more than 1% of its samples at
-# full scale is rejected as "clipped" here too, instead of giving a score the calibration never saw.
-MAX_CLIPPED_FRACTION = 0.01
 FILES_PER_CHUNK = 64   # featurise and embed this many files at a time: bounded memory, batched model calls
 
 
@@ -263,11 +260,9 @@ class Recognizer:
         # ONNX: numpy features (the same values; numba's load would be most of a cold start, and the runtime
         # install has no numba). Keras: the pipeline's own engine, so files embed bit for bit as in evaluate.
         self.feature_engine = "numpy" if self.bundle.backend == "onnx" else "auto"
-        settings = self.bundle.features
-        self._featurize_kwargs = {"sample_rate": settings.sample_rate, "min_seconds": settings.min_seconds,
-                                  "max_clipped_fraction": MAX_CLIPPED_FRACTION}
-        if settings.vad is not None:        # a bundle without one predates the option: featurize_file's default
-            self._featurize_kwargs["vad"] = settings.vad
+        # vad: a bundle without one predates the option (featurize_file's default); max_clipped_fraction: the
+        # pipeline's intake rule, so a clipped file is refused here too instead of scored as the calibration never saw.
+        self._featurize_kwargs = self.bundle.features.featurize_kwargs()
 
     @property
     def model_sha256(self) -> str:

@@ -58,6 +58,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from voiceprint.errors import VoiceprintError
+from voiceprint.features.settings import FeatureSettings  # the bundle's "features": one class from params to API
 from voiceprint.outputs import atomic_path, save_keras_model, software_versions, to_builtin
 
 MODEL_FILE = "model.keras"
@@ -70,8 +71,7 @@ BACKENDS = ("auto", "onnx", "keras")
 STATS_LDA_FILE = "stats_lda.npz"
 THRESHOLD_NAMES = ("eer", "low_far")
 # A bare .keras file says nothing about its features: the pipeline's defaults (params.yaml) are assumed.
-DEFAULT_FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64,
-                    "min_seconds": 0.5, "window_frames": 0, "hop_frames": 80}
+DEFAULT_FEATURES = FeatureSettings().to_dict()
 
 
 class BundleError(VoiceprintError, ValueError):
@@ -88,26 +88,6 @@ class NoLlrCalibrationError(BundleError):
 
 class ThresholdError(VoiceprintError, ValueError):
     """A threshold that is neither a calibrated name nor a score (a cosine in [-1, 1] unless AS-norm)."""
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """How the bundle's model expects audio to be turned into features (``featurize_file`` arguments)."""
-
-    kind: str
-    sample_rate: int
-    num_bands: int
-    min_seconds: float
-    window_frames: int      # 0 = the whole utterance in one pass
-    hop_frames: int
-    vad: str | None = None  # None: the features module's only behaviour (before it had a ``vad`` option)
-
-    def to_dict(self) -> dict:
-        out = {"kind": self.kind, "sample_rate": self.sample_rate, "num_bands": self.num_bands,
-               "min_seconds": self.min_seconds, "window_frames": self.window_frames, "hop_frames": self.hop_frames}
-        if self.vad is not None:
-            out["vad"] = self.vad
-        return out
 
 
 @dataclass(frozen=True)
@@ -242,6 +222,7 @@ def _sample_rate(value, source: str, key: str) -> int:
 
 
 def parse_features(data, source: str, prefix: str = "features.") -> FeatureSettings:
+    """A bundle's ``features`` (thresholds.json), every key checked; ``vad`` None when it has none."""
     from voiceprint.features import FEATURE_KINDS, VAD_KINDS
 
     data = _mapping(data, source, prefix.rstrip("."))

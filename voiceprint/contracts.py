@@ -122,14 +122,24 @@ class DataSettings(Contract):
 
 
 @dataclass(frozen=True)
-class FeatureSettings(Contract):
-    """Stage mfcc: the frame-level features of every utterance."""
+class FeatureParams(Contract):
+    """Stage mfcc: the frame-level features of every utterance (the ``features`` section); :meth:`settings` makes
+    the one :class:`voiceprint.features.FeatureSettings` that describes them from here to the bundle."""
     section = "features"
-    kind: str = setting("logmel_cmn", "logmel_cmn | fbank_norm (original recipe)", choices=_feature_kinds)
+    kind: str = setting("logmel_cmn", "a registered feature kind: logmel_cmn | fbank_norm (original recipe)",
+                        choices=_feature_kinds)
     min_seconds: float = setting(0.5, "shorter files are rejected (after decoding, before the VAD)", min=0.0)
     vad: str = setting("original", "original (edge trim) | energy (also removes inner pauses)", choices=_vads)
     max_clipped_fraction: float = setting(0.01, "reject files with more samples than this at full scale",
                                           min=0.0, max=1.0)
+
+    def settings(self, *, sample_rate: int, num_bands: int):
+        """The run's :class:`~voiceprint.features.FeatureSettings` (the embedding windows are evaluate's)."""
+        from voiceprint.features.settings import FeatureSettings
+
+        return FeatureSettings(kind=self.kind, sample_rate=sample_rate, num_bands=num_bands,
+                               min_seconds=self.min_seconds, vad=self.vad,
+                               max_clipped_fraction=self.max_clipped_fraction)
 
 
 @dataclass(frozen=True)

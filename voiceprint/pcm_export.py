@@ -65,19 +65,22 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
     = the filterbank energies of :mod:`voiceprint.features` (fbank_norm's 1/NFFT folded in).
     """
     from voiceprint import features as F
+    from voiceprint.features import filterbanks, framing
 
-    frame_len, _ = F._frame_params(sample_rate)
+    frame_len, _ = framing._frame_params(sample_rate)
     nfft = F.NFFT
     bins = nfft // 2 + 1
     if kind == "logmel_cmn":
-        window = F._hann(frame_len)
-        # What F._librosa_mel wraps (it keeps only the sparse form): the package's float32 weights.
-        bank = F._slaney_mel(sample_rate, nfft, num_bands, 20.0, sample_rate / 2).T.astype(np.float64)
+        window = filterbanks._hann(frame_len)
+        # What filterbanks._librosa_mel wraps (it keeps only the sparse form): the package's float32 weights.
+        bank = filterbanks._slaney_mel(sample_rate, nfft, num_bands, 20.0, sample_rate / 2).T.astype(np.float64)
     elif kind == "fbank_norm":
-        window = F._ones(frame_len)
-        bank = F._psf_filterbank(num_bands, nfft, sample_rate, 1.0 / nfft)
+        window = filterbanks._ones(frame_len)
+        bank = filterbanks._psf_filterbank(num_bands, nfft, sample_rate, 1.0 / nfft)
     else:
-        raise DataError(f"unknown feature kind {kind!r}; valid kinds: {', '.join(sorted(F.FEATURE_KINDS))}")
+        # A registered kind computes in numpy; its graph twin has to be written here too (none is silently assumed).
+        raise DataError(f"feature kind {kind!r} has no in-graph front end; PCM export supports: fbank_norm, "
+                        f"logmel_cmn (registered kinds: {', '.join(sorted(F.FEATURE_KINDS))})")
     used = min(frame_len, nfft)
     n = np.arange(used)[:, None]
     k = np.arange(bins)[None, :]
@@ -91,7 +94,8 @@ def frontend_matrices(kind: str, sample_rate: int, num_bands: int) -> tuple[np.n
 
 def _settings_of(model, features):
     """``features`` as FeatureSettings, checked against the model (bands) and the graph (no windows)."""
-    from voiceprint.bundle import FeatureSettings, parse_features
+    from voiceprint.bundle import parse_features
+    from voiceprint.features.settings import FeatureSettings
 
     if not isinstance(features, FeatureSettings):
         features = parse_features(dict(features), "features")
@@ -113,8 +117,9 @@ def _frontend(settings, round_features: bool):
     import tensorflow as tf
 
     from voiceprint import features as F
+    from voiceprint.features import framing
 
-    frame_len, frame_step = F._frame_params(settings.sample_rate)
+    frame_len, frame_step = framing._frame_params(settings.sample_rate)
     dft, filters = frontend_matrices(settings.kind, settings.sample_rate, settings.num_bands)
     emphasis = np.float32(F.PREEMPH)
 
@@ -153,16 +158,16 @@ def _mfcc_stats_frontend(sample_rate: int):
     """:func:`voiceprint.features.mfcc_stats` as TF ops: pcm (B, N) -> (B, 40) [means, stds] of 20 MFCCs."""
     import tensorflow as tf
 
-    from voiceprint import features as F
+    from voiceprint.features import filterbanks, mfcc as M
 
-    n_fft, hop, bins = F.MFCC_N_FFT, F.MFCC_HOP, F.MFCC_N_FFT // 2 + 1
+    n_fft, hop, bins = M.MFCC_N_FFT, M.MFCC_HOP, M.MFCC_N_FFT // 2 + 1
     n = np.arange(n_fft)[:, None]
     angle = 2.0 * np.pi * ((n * np.arange(bins)[None, :]) % n_fft) / n_fft
-    window = F._hann(n_fft)[:, None]
+    window = filterbanks._hann(n_fft)[:, None]
     dft = np.concatenate([window * np.cos(angle), -window * np.sin(angle)], axis=1).astype(np.float32)
-    bank = F._slaney_mel(sample_rate, n_fft, F.MFCC_BANDS, 0.0, sample_rate / 2).T.astype(np.float64)
+    bank = filterbanks._slaney_mel(sample_rate, n_fft, M.MFCC_BANDS, 0.0, sample_rate / 2).T.astype(np.float64)
     filters = np.concatenate([bank, bank], axis=0).astype(np.float32)
-    dct = F._dct_ortho(F.MFCC_BANDS, 20).astype(np.float32)
+    dct = M._dct_ortho(M.MFCC_BANDS, 20).astype(np.float32)
 
     def stats(pcm):
         kernel, mel, cosines = tf.constant(dft[:, None, :]), tf.constant(filters), tf.constant(dct)
@@ -172,9 +177,9 @@ def _mfcc_stats_frontend(sample_rate: int):
         batch, frames = tf.shape(spectrum)[0], tf.shape(spectrum)[1]
         power = tf.matmul(tf.reshape(tf.square(spectrum), [-1, 2 * bins]), mel)
         db = 10.0 * tf.math.log(tf.maximum(power, 1e-10)) / np.float32(np.log(10.0))
-        db = tf.reshape(db, tf.stack([batch, frames, F.MFCC_BANDS]))
-        db = tf.maximum(db, tf.reduce_max(db, axis=[1, 2], keepdims=True) - F.MFCC_TOP_DB)
-        mfcc = tf.reshape(tf.matmul(tf.reshape(db, [-1, F.MFCC_BANDS]), cosines), tf.stack([batch, frames, 20]))
+        db = tf.reshape(db, tf.stack([batch, frames, M.MFCC_BANDS]))
+        db = tf.maximum(db, tf.reduce_max(db, axis=[1, 2], keepdims=True) - M.MFCC_TOP_DB)
+        mfcc = tf.reshape(tf.matmul(tf.reshape(db, [-1, M.MFCC_BANDS]), cosines), tf.stack([batch, frames, 20]))
         mean = tf.reduce_mean(mfcc, axis=1)
         std = tf.sqrt(tf.reduce_mean(tf.square(mfcc - mean[:, None, :]), axis=1))
         return tf.concat([mean, std], axis=1)
@@ -187,7 +192,8 @@ def pcm_features_function(features, *, round_features: bool = False):
     end alone, to compare with :mod:`voiceprint.features` (``features``: FeatureSettings or its dict)."""
     import tensorflow as tf
 
-    from voiceprint.bundle import FeatureSettings, parse_features
+    from voiceprint.bundle import parse_features
+    from voiceprint.features.settings import FeatureSettings
 
     if not isinstance(features, FeatureSettings):
         features = parse_features(dict(features), "features")
@@ -198,7 +204,7 @@ def pcm_features_function(features, *, round_features: bool = False):
 def pcm_function(model, features, *, round_features: bool = True, stats_lda=None):
     """A ``tf.function`` pcm ``(batch, samples)`` float32 -> ``{"embedding": (batch, D)}`` (see module docstring).
 
-    ``features``: a :class:`voiceprint.bundle.FeatureSettings` or its dict. ``round_features``: round the
+    ``features``: a :class:`voiceprint.features.FeatureSettings` or its dict. ``round_features``: round the
     features to float16 and back, as the package does before its model (True matches
     :class:`voiceprint.api.Recognizer`). ``stats_lda``: the bundle's statistics branch, joined in the graph.
     """

@@ -88,6 +88,13 @@ class StoreWriter:
         self._baseline: list[np.ndarray] = []
         self._offset = 0
 
+    @classmethod
+    def for_features(cls, directory: str | Path, settings, *, meta: dict | None = None, **kwargs) -> "StoreWriter":
+        """A writer for features made with ``settings`` (:class:`voiceprint.features.FeatureSettings`), recorded in
+        store.json (:attr:`FeatureStore.features` reads them back); ``meta``: more to record."""
+        return cls(directory, num_bands=settings.num_bands, kind=settings.kind,
+                   meta={**settings.store_meta(), **(meta or {})}, **kwargs)
+
     def _header(self) -> dict:
         """store.json fields every shard of a store must share."""
         return {**self.meta, "dtype": "float16", "num_bands": self.num_bands, "kind": self.kind}
@@ -233,6 +240,15 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def features(self):
+        """How the features were made (:class:`voiceprint.features.FeatureSettings`, from store.json), with the
+        values then in use for keys a store from before them lacks."""
+        from voiceprint.features.settings import FeatureSettings
+
+        meta = json.loads((self.directory / META_FILE).read_text())
+        return FeatureSettings.from_store(self.kind, self.num_bands, meta)
 
     @property
     def num_bands(self) -> int:
