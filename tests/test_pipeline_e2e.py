@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -95,9 +96,11 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     for name in ("softmax", "triplet", "tdnn_head"):
         live = json.loads((root / f"dvclive/{name}/metrics.json").read_text())
         assert live["step"] == TINY["tdnn" if name == "tdnn_head" else name]["epochs"] - 1, name
-    for name in ("softmax", "triplet", "tdnn_head"):
-        assert (root / f"models/{name}.keras").is_file()
-        assert (root / f"plots/{name}.csv").is_file()
+    for name in ("softmax", "triplet"):
+        assert (root / f"models/{name}.keras").is_file() and (root / f"plots/{name}.csv").is_file()
+    # the head is saved alone, with the tap it reads, and no trunk (the base's, frozen, is models/triplet.keras)
+    assert sorted(p.name for p in (root / "models/tdnn_head").iterdir()) == ["head.json", "head.keras"]
+    assert (root / "plots/tdnn_head.csv").is_file()
 
     again = run(["dvc", "repro"], root, env)
     assert stages_run(again) == set()
@@ -120,36 +123,52 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
     changed = json.loads(run(["dvc", "metrics", "diff", "--json"], root, env)).get("metrics/eval.json", {})
     assert "head.eer" in changed and "base.eer" not in changed
 
-    # Fusion is scored by evaluate alone; a frame TDNN with another loss retrains only the head.
-    assert experiment("evaluate.fusion=score", "evaluate.fusion_weight=0.7", "evaluate.deploy=fused") == {"evaluate"}
-    report = json.loads((root / "metrics/eval.json").read_text())
-    assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
-    calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())
-    assert calibration["system"] == "fused" and calibration["embedding_dim"] == 16 + 8
-    assert calibration["thresholds"]["eer"] == pytest.approx(report["fused"]["eer_threshold"])
-    # The MFCC-statistics branch and AS-norm are evaluate's alone; the bundle then serves the joint system.
-    assert experiment("evaluate.stats_branch=lda", "evaluate.score_norm=as_norm",
+    # Fusion, the MFCC-statistics branch and AS-norm are evaluate's alone; the bundle then serves the joint
+    # system, and its fused model is one trunk pass feeding both parts.
+    assert experiment("evaluate.fusion=score", "evaluate.fusion_weight=0.7", "evaluate.deploy=fused",
+                      "evaluate.stats_branch=lda", "evaluate.score_norm=as_norm",
                       "evaluate.cohort_top_n=3") == {"evaluate"}
     report = json.loads((root / "metrics/eval.json").read_text())
+    assert 0 <= report["fused"]["eer"] <= 1 and isinstance(report["fused_minus_base_eer"], float)
     assert {"mfcc_lda", "fused_mfcc_lda", "fused_mfcc_lda_asnorm"} <= set(report)
     calibration = json.loads((root / "models/voiceprint/thresholds.json").read_text())
     assert calibration["system"] == "fused_mfcc_lda" and calibration["embedding_dim"] == 16 + 8 + 4  # 5 speakers
     assert calibration["thresholds"]["eer"] == pytest.approx(report["fused_mfcc_lda_asnorm"]["eer_threshold"])
-    assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax") == {"tdnn_head", "evaluate"}
+    assert _trunks(root / "models/voiceprint/model.keras") == 1
+    # A frame TDNN (it reads the trunk's frame sequence) with another loss retrains only the head.
+    assert experiment("tdnn.kind=frame", "tdnn.loss=aam_softmax", "evaluate.deploy=fused") == {"tdnn_head",
+                                                                                             "evaluate"}
+    assert json.loads((root / "models/tdnn_head/head.json").read_text())["tap"] == "frames"
+    assert _trunks(root / "models/voiceprint/model.keras") == 1
 
     # With Adam, a margin change only changes the weights through which triplets are active; from 0 to 1 the
     # active set surely changes (were the weights identical, DVC would rightly skip everything downstream).
     assert experiment("triplet.alpha=1.0") == {"triplet", "tdnn_head", "evaluate"}
-    # Augmentation: copies feed every training stage; masks only touch softmax pre-training onwards; AAM likewise.
-    assert experiment("augment.speed_perturb=true", "augment.copies=1") == ALL_STAGES - {"download", "mfcc",
-                                                                                        "model_inputs"}
+    # Augmentation: copies feed every training stage; masks and AAM touch softmax pre-training onwards. (A data
+    # change reruns everything: the first repro showed every stage running.)
+    assert experiment("augment.speed_perturb=true", "augment.copies=1", "augment.time_masks=2",
+                      "softmax.loss=aam_softmax") == ALL_STAGES - {"download", "mfcc", "model_inputs"}
     augmented = json.loads((root / "metrics/augment.json").read_text())
     train_utterances = json.loads((root / "metrics/model_inputs.json").read_text())["utterances"]["train"]
     assert augmented["copies"] == train_utterances * 5 and augmented["failed"] == 0
     assert augmented["classes"] == 3 * 5                 # 5 training speakers, and their 0.9x and 1.1x twins
-    assert experiment("augment.time_masks=2", "softmax.loss=aam_softmax") == {"softmax", "triplet", "tdnn_head",
-                                                                              "evaluate"}
-    assert experiment("data.seed=99") == ALL_STAGES
+
+
+def _trunks(model_file: Path) -> int:
+    """How many ResCNN trunks a saved model holds: copies of the trunk's first convolution, at any nesting."""
+    first_conv = f"conv{TINY['softmax']['filters'][0]}-s"
+
+    def layers(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "Conv2D":
+                yield node["config"]["name"]
+            for value in node.values():
+                yield from layers(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from layers(value)
+
+    return list(layers(json.loads(zipfile.ZipFile(model_file).read("config.json")))).count(first_conv)
 
 
 def test_real_speech_from_a_folder(tmp_path, shared_dir):
