@@ -136,9 +136,9 @@ def test_mirrored_over_two_cpus_gives_the_loss_curves_of_one_device(tmp_path):
     model this small: measured up to 9e-4 relative (1 or 2 threads), hence a tolerance of 2e-3 relative.
     Without the gathering (mining within each replica's half) the triplet loss differs by far more."""
     write_tiny_inputs(tmp_path)
-    softmax = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, epochs=3, batch_size=4, lr=1e-3,
+    softmax = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, epochs=2, batch_size=4, lr=1e-3,
                    dropout=0.0, seed=5)
-    triplet = dict(alpha=0.5, epochs=3, steps_per_epoch=3, speakers_per_batch=2, utterances_per_speaker=2,
+    triplet = dict(alpha=0.5, epochs=2, steps_per_epoch=2, speakers_per_batch=2, utterances_per_speaker=2,
                    frames=32, lr=1e-3, seed=1)
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(softmax), json.dumps(triplet)],
                           cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=600)
