@@ -1,4 +1,4 @@
-"""Cost of each augmentation kind (voiceprint/augment.py), one process, 1 BLAS thread.
+"""Cost of each augmentation kind (voiceprint/data/augment.py), one process, 1 BLAS thread.
 
     python bench/augment_cost.py [--seconds 4] [--utterances 20] [--repeat 3]
 
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from _shared_data import load_average  # noqa: E402  (bench/ is on sys.path)
-from voiceprint import augment as A  # noqa: E402
+from voiceprint.data import augment as A  # noqa: E402
 
 SR = A.SAMPLE_RATE
 

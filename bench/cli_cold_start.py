@@ -12,7 +12,7 @@
 
 ``--runtime-python``: run the onnx CLI with another interpreter, e.g. a venv holding only ``pip install .`` (the
 runtime without TensorFlow; bench/runtime_next_to_torch.sh makes one); the keras CLI always runs with this one.
-Audio: synthetic speakers (voiceprint.corpus.synthetic), ``--seconds`` long, made in a temporary directory.
+Audio: synthetic speakers (voiceprint.data.corpus.synthetic), ``--seconds`` long, made in a temporary directory.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_
 
 
 def _audio(root: Path, utterances: int, seconds: float) -> list[Path]:
-    from voiceprint.corpus.synthetic import generate
+    from voiceprint.data.corpus.synthetic import generate
 
     manifest = generate(root, num_speakers=max(2, utterances // 4), utterances_per_speaker=4,
                         min_seconds=seconds, max_seconds=seconds, seed=0)
@@ -52,8 +52,8 @@ def _cli_once(python: str, backend: str, a: Path, b: Path, cwd: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        child = subprocess.Popen([python, "-m", "voiceprint.cli", "verify", str(a), str(b), "--backend", backend,
-                                  "--json", "--quiet"], stdout=out, stderr=err, env=env, cwd=cwd)
+        child = subprocess.Popen([python, "-m", "voiceprint.serving.cli", "verify", str(a), str(b), "--backend",
+                                  backend, "--json", "--quiet"], stdout=out, stderr=err, env=env, cwd=cwd)
         _, status, usage = os.wait4(child.pid, 0)     # this child's own rusage (peak RSS included)
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -86,7 +86,7 @@ def cold_start(files: list[Path], repeats: int, runtime_python: str, cwd: Path) 
 def _bundle(arch: dict, root: Path) -> Path:
     import keras
 
-    from voiceprint.bundle import save_bundle
+    from voiceprint.serving.bundle import save_bundle
     from voiceprint.models import build_rescnn
 
     keras.utils.set_random_seed(0)
@@ -98,8 +98,8 @@ def _bundle(arch: dict, root: Path) -> Path:
 
 
 def throughput(files: list[Path], seconds: float, passes: int, root: Path) -> dict:
-    from voiceprint.api import Recognizer
-    from voiceprint.runtime import configure_tensorflow
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.core.runtime import configure_tensorflow
 
     configure_tensorflow(0)
     out = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from _shared_data import default_data  # noqa: E402  (bench/ is on sys.path)
-from voiceprint.audio import load_audio
+from voiceprint.data.audio import load_audio
 from voiceprint.features import logmel_cmn, trim_silence_original
 
 FRACTIONS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

@@ -25,8 +25,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from voiceprint import export as E  # noqa: E402
-from voiceprint.runtime import configure_tensorflow  # noqa: E402
+from voiceprint.serving import export as E  # noqa: E402
+from voiceprint.core.runtime import configure_tensorflow  # noqa: E402
 
 FRAME_S = 0.01  # 10 ms hop: frames -> seconds of audio
 

@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from voiceprint import features as F  # noqa: E402
 from _shared_data import default_data  # noqa: E402  (bench/ is on sys.path)
-from voiceprint.audio import load_audio  # noqa: E402
+from voiceprint.data.audio import load_audio  # noqa: E402
 
 AUDIO_EXTS = {".flac", ".wav", ".ogg", ".mp3"}
 

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from _shared_data import default_data, load_average  # noqa: E402  (bench/ is on sys.path)
 
 from voiceprint import features as F  # noqa: E402
-from voiceprint.audio import load_audio  # noqa: E402
+from voiceprint.data.audio import load_audio  # noqa: E402
 
 try:
     import python_speech_features as psf

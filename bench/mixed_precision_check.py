@@ -3,7 +3,7 @@
     KERAS_BACKEND=jax python bench/mixed_precision_check.py [--precision mixed_float16]
         [--filters 64 128 256 512] [--blocks 3] [--batch 96] [--steps 20] [--warmup 3] [--rounds 2]
 
-voiceprint.training's own code under any Keras backend: TensorFlow's default strategy, or elsewhere (JAX on a GPU
+voiceprint.training.fit's own code under any Keras backend: TensorFlow's default strategy, or elsewhere (JAX on a GPU
 machine without TensorFlow) a one-device stand-in (strategy "auto" needs only scope() and the replica count).
 1. Synthetic speaker-clustered store (32 speakers x 16 utterances of 200-800 frames): train_softmax 2 epochs in
    float32 and --precision, train_triplet 1 epoch from the mixed model; asserts conv/BN layers in --precision,
@@ -29,12 +29,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import voiceprint.training as training  # noqa: E402
-from voiceprint.distribute import Distribution  # noqa: E402
-from voiceprint.contracts import SoftmaxSettings, TripletSettings  # noqa: E402
+import voiceprint.training.fit as training  # noqa: E402
+from voiceprint.training.distribute import Distribution  # noqa: E402
+from voiceprint.core.contracts import SoftmaxSettings, TripletSettings  # noqa: E402
 from voiceprint.losses import get_loss  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
-from voiceprint.store import FeatureStore, StoreWriter  # noqa: E402
+from voiceprint.data.store import FeatureStore, StoreWriter  # noqa: E402
 
 SMALL = dict(filters=[8, 16, 16, 32], blocks=1, embedding_dim=32, frames=160, dropout=0.1)
 FRAMES, BANDS, CLASSES = 160, 64, 500

@@ -2,7 +2,7 @@
 
 Builds both from the SAME weights (a bundle's fused model.keras, default: the shipped real-speech model), then
 side by side in one process: file sizes (.keras and .onnx) and the time to embed the same utterances with Keras
-(one traced tf.function, as ``voiceprint.embedding``) and with ONNX Runtime (as the runtime backend), and checks
+(one traced tf.function, as ``voiceprint.core.embedding``) and with ONNX Runtime (as the runtime backend), and checks
 the two give the same embeddings.
 
     python bench/one_trunk.py [BUNDLE_DIR] [--utterances 40] [--seconds 4] [--repeats 3]
@@ -49,7 +49,7 @@ def best_of(repeats, fn):
 
 
 def main() -> None:
-    from voiceprint.pretrained import SHIPPED
+    from voiceprint.serving.pretrained import SHIPPED
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", nargs="?", default=str(SHIPPED))
@@ -57,11 +57,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from voiceprint.bundle import one_trunk_model
-    from voiceprint.embedding import embed_features
-    from voiceprint.export import export_onnx, load_onnx_embedder
-    from voiceprint.outputs import save_keras_model
-    from voiceprint.runtime import configure_tensorflow, load_model
+    from voiceprint.serving.bundle import one_trunk_model
+    from voiceprint.core.embedding import embed_features
+    from voiceprint.serving.export import export_onnx, load_onnx_embedder
+    from voiceprint.core.outputs import save_keras_model
+    from voiceprint.core.runtime import configure_tensorflow, load_model
 
     configure_tensorflow(0)
     model = load_model(Path(args.bundle) / "model.keras", what="bundle model")

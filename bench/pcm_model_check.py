@@ -1,9 +1,10 @@
 """Does the raw-PCM model (features in the graph) embed every LibriSpeech-mini file as the package does?
 
-    python bench/pcm_model_check.py [--data DIR] [--model voiceprint/pretrained/real-speech] [--formats onnx tflite]
+    python bench/pcm_model_check.py [--data DIR] [--model voiceprint/serving/pretrained/real-speech] [--formats onnx
+    tflite]
                                     [--limit N] [--long N --long-seconds 60]
 
-Exports ``--model`` (default: the shipped bundle) with :mod:`voiceprint.pcm_export` to a temporary directory,
+Exports ``--model`` (default: the shipped bundle) with :mod:`voiceprint.serving.pcm_export` to a temporary directory,
 then for every audio file under ``--data`` (default ../shared/data/librispeech-mini) compares, in one process:
 
 * the package: ``Recognizer(model).embed(path)`` (decode -> the bundle's VAD -> numpy/numba features ->
@@ -39,7 +40,7 @@ def _joined_files(corpus, count: int, seconds: float, rate: int, directory: Path
     LibriSpeech-mini utterances last at most ~30 s."""
     import soundfile as sf
 
-    from voiceprint.audio import load_audio
+    from voiceprint.data.audio import load_audio
 
     out, parts, total, it = [], [], 0, iter(corpus)
     while len(out) < count:
@@ -55,7 +56,7 @@ def _joined_files(corpus, count: int, seconds: float, rate: int, directory: Path
 
 
 def main() -> int:
-    from voiceprint.pretrained import SHIPPED
+    from voiceprint.serving.pretrained import SHIPPED
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data())
@@ -74,9 +75,9 @@ def main() -> int:
         print(f"no audio files under {args.data}", file=sys.stderr)
         return 2
 
-    from voiceprint import pcm_export as P
-    from voiceprint.api import Recognizer
-    from voiceprint.audio import AudioError, load_audio
+    from voiceprint.serving import pcm_export as P
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.data.audio import AudioError, load_audio
     from voiceprint.features import apply_vad
 
     rec = Recognizer(args.model, backend="keras")   # the graph is built around the Keras model

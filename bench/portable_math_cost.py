@@ -1,7 +1,7 @@
 """What the CPU-independent synthesis costs (docs/reproducibility.md), side by side in one process.
 
-1. Each voiceprint.portable_math function against numpy's ufunc on the same 50,000 float64 values (time ratio).
-2. Synthesising utterances with voiceprint.corpus.synthetic as it is, and with numpy's functions put back in
+1. Each voiceprint.core.portable_math function against numpy's ufunc on the same 50,000 float64 values (time ratio).
+2. Synthesising utterances with voiceprint.data.corpus.synthetic as it is, and with numpy's functions put back in
    place of portable_math's (what the generator computed before): time ratio per utterance.
 3. Features of those utterances (logmel_cmn + the MFCC baseline vector, as the mfcc stage computes them) with
    portable_math's log against numpy's: time ratio.
@@ -22,8 +22,8 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._shared_data import load_average  # noqa: E402
 from voiceprint import features  # noqa: E402
-from voiceprint import portable_math as pm  # noqa: E402
-from voiceprint.corpus import synthetic  # noqa: E402
+from voiceprint.core import portable_math as pm  # noqa: E402
+from voiceprint.data.corpus import synthetic  # noqa: E402
 
 # numpy's functions under portable_math's names: (nearly) the generator's arithmetic before this change
 NUMPY_MATH = types.SimpleNamespace(exp=np.exp, exp2=np.exp2, log=np.log, log2=np.log2, log10=np.log10,

@@ -1,4 +1,5 @@
-"""What the per-epoch resume state (voiceprint/resume.py) costs: softmax training with the params.yaml settings,
+"""What the per-epoch resume state (voiceprint/training/resume.py) costs: softmax training with the params.yaml
+settings,
 with and without it, plus the time of one resume-state write at that model size and the file's size.
 
     python bench/resume_overhead.py [--epochs 2]        # from the repo root, after `dvc repro model_inputs`
@@ -17,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voiceprint.contracts import SoftmaxSettings  # noqa: E402
-from voiceprint.params import load_params  # noqa: E402
-from voiceprint.runtime import configure_tensorflow  # noqa: E402
+from voiceprint.core.contracts import SoftmaxSettings  # noqa: E402
+from voiceprint.core.params import load_params  # noqa: E402
+from voiceprint.core.runtime import configure_tensorflow  # noqa: E402
 
 
 def main() -> None:
@@ -35,10 +36,10 @@ def main() -> None:
     import keras
 
     from voiceprint.models import build_rescnn
-    from voiceprint.resume import ResumeState, Snapshot
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
-    from voiceprint.training import train_softmax
+    from voiceprint.training.resume import ResumeState, Snapshot
+    from voiceprint.data.splits import read_split
+    from voiceprint.data.store import FeatureStore
+    from voiceprint.training.fit import train_softmax
 
     store = FeatureStore.open("data/features")
     split, _ = read_split("data/model_inputs")

@@ -37,8 +37,8 @@ import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 from _shared_data import default_data, load_average  # noqa: E402  (bench/ is on sys.path)
 
-from voiceprint import store as S  # noqa: E402
-from voiceprint.splits import make_trials, split_utterances  # noqa: E402
+from voiceprint.data import store as S  # noqa: E402
+from voiceprint.data.splits import make_trials, split_utterances  # noqa: E402
 
 NUM_BANDS = 64
 FRAMES_PER_SECOND = 100
@@ -190,8 +190,8 @@ def main() -> None:
         positions = steps.run("store.position(training utterances)", lambda: store.position(train.utterance))
         labels = train.label.to_numpy()
 
-        steps.run("import keras (batching)", lambda: __import__("voiceprint.batching"))
-        from voiceprint.batching import ClassificationBatches, SpeakerBatches
+        steps.run("import keras (batching)", lambda: __import__("voiceprint.training.batching"))
+        from voiceprint.training.batching import ClassificationBatches, SpeakerBatches
 
         classification = steps.run("ClassificationBatches(batch 64, 160 frames)", lambda: ClassificationBatches(
             store, positions, labels, batch_size=64, frames=160, seed=0))

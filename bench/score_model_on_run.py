@@ -21,15 +21,15 @@ def main() -> None:
     parser.add_argument("--cross-corpus", default="")
     parser.add_argument("--bootstrap", type=int, default=200)
     args = parser.parse_args()
-    from voiceprint.runtime import configure_tensorflow, load_model
+    from voiceprint.core.runtime import configure_tensorflow, load_model
 
     configure_tensorflow(0)
-    from voiceprint.cross_corpus import load_eval_set
-    from voiceprint.embedding import embed_features, embed_utterances
-    from voiceprint.evaluation import cosine_scores, report_system
-    from voiceprint.runtime import default_workers
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
+    from voiceprint.data.cross_corpus import load_eval_set
+    from voiceprint.core.embedding import embed_features, embed_utterances
+    from voiceprint.evaluation.scoring import cosine_scores, report_system
+    from voiceprint.core.runtime import default_workers
+    from voiceprint.data.splits import read_split
+    from voiceprint.data.store import FeatureStore
 
     run = Path(args.run)
     store = FeatureStore.open(run / "data/features")

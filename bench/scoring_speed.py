@@ -25,7 +25,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from _shared_data import load_average  # noqa: E402  (bench/ is on sys.path)
 
-from voiceprint import metrics as M  # noqa: E402
+from voiceprint.evaluation import metrics as M  # noqa: E402
 
 
 def previous_score_summary(scores, labels, p_target=0.01):
@@ -62,10 +62,10 @@ def scoring(trials: int, repeat: int) -> None:
 
 
 def embedding(utterances: int, repeat: int, threads: int) -> None:
-    from voiceprint.embedding import embed_features, embed_utterances
+    from voiceprint.core.embedding import embed_features, embed_utterances
     from voiceprint.models.rescnn import build_rescnn
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.store import FeatureStore, StoreWriter
+    from voiceprint.core.runtime import configure_tensorflow
+    from voiceprint.data.store import FeatureStore, StoreWriter
 
     configure_tensorflow(0, threads)
     model, _ = build_rescnn(filters=(16, 32, 64, 128), blocks=1)

@@ -4,8 +4,9 @@ calling ``Recognizer.verify`` on the same two files in-process (the baseline), s
     python bench/serve_load.py [--requests 200] [--concurrency 1 4 20] [--cores 2] [--workers 2] [--model M]
 
 The model is the shipped real-speech one unless --model names another. The files are two synthetic 4-s FLAC
-recordings (voiceprint.corpus.synthetic; 16 kHz mono). The server is the real command
-(``python -m voiceprint.cli serve --port 0``) in a child process; the clients are aiohttp coroutines in this process,
+recordings (voiceprint.data.corpus.synthetic; 16 kHz mono). The server is the real command
+(``python -m voiceprint.serving.cli serve --port 0``) in a child process; the clients are aiohttp coroutines in this
+process,
 each uploading both files (multipart) per request. Everything is pinned to the first --cores CPUs (the child
 inherits the pinning). The baseline calls ``rec.verify(a, b)`` back to back from one thread (files decoded, featurised
 and embedded each call, as the server does); a second baseline passes the files' bytes, as the server receives
@@ -111,10 +112,10 @@ def main() -> None:
 
     cpus = sorted(os.sched_getaffinity(0))[:args.cores]
     os.sched_setaffinity(0, cpus)
-    from voiceprint.api import Recognizer, checked_model_path
-    from voiceprint.corpus.synthetic import generate
-    from voiceprint.pretrained import SHIPPED
-    from voiceprint.runtime import configure_tensorflow
+    from voiceprint.serving.api import Recognizer, checked_model_path
+    from voiceprint.data.corpus.synthetic import generate
+    from voiceprint.serving.pretrained import SHIPPED
+    from voiceprint.core.runtime import configure_tensorflow
 
     configure_tensorflow(0)
     model = str(checked_model_path(args.model or SHIPPED))
@@ -129,8 +130,8 @@ def main() -> None:
         served = {c: Tally() for c in args.concurrency}
         per_round = max(1, args.requests // args.rounds)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "voiceprint.cli", "serve", "--port", "0", "--json", "--quiet", "--model", model,
-             "--workers", str(args.workers), "--registry", str(Path(tmp) / "registry.sqlite")],
+            [sys.executable, "-m", "voiceprint.serving.cli", "serve", "--port", "0", "--json", "--quiet", "--model",
+             model, "--workers", str(args.workers), "--registry", str(Path(tmp) / "registry.sqlite")],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             url = json.loads(proc.stdout.readline())["url"]

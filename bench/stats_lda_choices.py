@@ -21,16 +21,16 @@ def main() -> None:
     parser.add_argument("--weights", default="0.3,0.5,0.7")
     parser.add_argument("--top-n", default="20,50,100")
     args = parser.parse_args()
-    from voiceprint.runtime import configure_tensorflow, load_model
+    from voiceprint.core.runtime import configure_tensorflow, load_model
 
     configure_tensorflow(0)
-    from voiceprint.embedding import embed_utterances
-    from voiceprint.evaluation import as_norm_scores, cosine_scores
-    from voiceprint.metrics import eer
-    from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
-    from voiceprint.splits import read_split
-    from voiceprint.stats_lda import fit_stats_lda
-    from voiceprint.store import FeatureStore
+    from voiceprint.core.embedding import embed_utterances
+    from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores
+    from voiceprint.evaluation.metrics import eer
+    from voiceprint.evaluation.score_norm import pick_cohort_utterances, speaker_cohort
+    from voiceprint.data.splits import read_split
+    from voiceprint.evaluation.stats_lda import fit_stats_lda
+    from voiceprint.data.store import FeatureStore
 
     run = Path(args.run)
     store = FeatureStore.open(run / "data/features")

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voiceprint.corpus.synthetic import SAMPLE_RATE, generate  # noqa: E402
+from voiceprint.data.corpus.synthetic import SAMPLE_RATE, generate  # noqa: E402
 
 TRIM_TOP_DB = 30.0  # energy-based trimming of leading/trailing silence
 

@@ -17,7 +17,7 @@ interleaved over --repeat rounds, best kept:
   original + mining    the same plus LazyTripletBatcher's embedding pass amortised per step: one predict of
                        1,280 crops every 100 batches (timed on --mining-crops crops, scaled to 1,280). Its
                        start-up pass (5,120 crops) and the per-anchor cosine scoring are left out (favours it).
-  ours float32         what voiceprint.training.train_triplet fits: training._training_copy + training._optimizer
+  ours float32         what voiceprint.training.fit.train_triplet fits: training._training_copy + training._optimizer
                        (Adam) + the in-batch hardest-negative triplet loss, over SpeakerBatches on the store.
   ours bfloat16        the same under Distribution(default strategy, "auto", "mixed_bfloat16"), which is what
                        train.mixed_precision: true gives on a CPU with avx512_bf16.
@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from _shared_data import load_average  # noqa: E402  (bench/ is on sys.path)
 
-from voiceprint.runtime import configure_tensorflow  # noqa: E402
+from voiceprint.core.runtime import configure_tensorflow  # noqa: E402
 
 ALPHA = 0.1
 HISTORY_CROPS, REFRESH_EVERY = 1280, 100     # LazyTripletBatcher: predict 1,280 crops every 100 batches
@@ -53,7 +53,7 @@ def load_avg() -> str:
 
 def make_corpus(root: Path, speakers: int, utterances: int, seed: int):
     """Writes both layouts; returns (speaker -> list of .npy paths, FeatureStore, store labels)."""
-    from voiceprint.store import FeatureStore, StoreWriter
+    from voiceprint.data.store import FeatureStore, StoreWriter
 
     rng = np.random.default_rng(seed)
     (root / "audio-fbanks").mkdir()
@@ -159,9 +159,9 @@ def main() -> None:
     tf = configure_tensorflow(args.seed)
     import keras
 
-    from voiceprint import training
-    from voiceprint.batching import SpeakerBatches
-    from voiceprint.distribute import BF16_CPU_FLAGS, Distribution, cpu_flags, local
+    from voiceprint.training import fit as training
+    from voiceprint.training.batching import SpeakerBatches
+    from voiceprint.training.distribute import BF16_CPU_FLAGS, Distribution, cpu_flags, local
     from voiceprint.losses import get_loss
     from voiceprint.models.rescnn import build_rescnn
 

@@ -1,7 +1,7 @@
 """Stage augment: augmented copies of the training utterances as a feature store of their own (augment.* params).
 
 Off by default (an empty store): training then sees exactly the corpus. The training stages read this store
-beside data/features (voiceprint.store.FeatureStore.union).
+beside data/features (voiceprint.data.store.FeatureStore.union).
 """
 import dataclasses
 import json
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from voiceprint.augment import AugmentSettings
-from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import default_workers
-from voiceprint.stage import run_stage
-from voiceprint.store import META_FILE, StoreWriter
+from voiceprint.data.augment import AugmentSettings
+from voiceprint.core.outputs import atomic_path, write_metrics
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import default_workers
+from voiceprint.core.stage import run_stage
+from voiceprint.data.store import META_FILE, StoreWriter
 
 RAW = Path("data/raw")
 FEATURES = Path("data/features")
@@ -30,8 +30,8 @@ def read_settings(params: Params) -> AugmentSettings:
 
 def main() -> None:
     settings = read_settings(load_params())
-    from voiceprint.augmented import make_copies, plan
-    from voiceprint.splits import read_split
+    from voiceprint.data.augmented import make_copies, plan
+    from voiceprint.data.splits import read_split
 
     meta = json.loads((FEATURES / META_FILE).read_text())
     kind, vad, sample_rate = meta["kind"], meta.get("vad", "original"), int(meta.get("sample_rate", 16000))

@@ -5,13 +5,13 @@ returns the manifest plus metrics of its own.
 """
 import pandas as pd
 
-from voiceprint.contracts import DataSettings
-from voiceprint.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, folder, librispeech, synthetic
-from voiceprint.errors import DataError
-from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import Params, ParamsError, load_params
-from voiceprint.runtime import default_workers
-from voiceprint.stage import run_stage
+from voiceprint.core.contracts import DataSettings
+from voiceprint.data.corpus import ADDED_SEPARATOR, MANIFEST_COLUMNS, folder, librispeech, synthetic
+from voiceprint.core.errors import DataError
+from voiceprint.core.outputs import atomic_path, write_metrics
+from voiceprint.core.params import Params, ParamsError, load_params
+from voiceprint.core.runtime import default_workers
+from voiceprint.core.stage import run_stage
 
 RAW = "data/raw"
 
@@ -70,7 +70,7 @@ BUILDERS = {"synthetic": build_synthetic, "librispeech": build_librispeech, "fol
 
 def add_synthetic(data: DataSettings, source: str, raw, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """``data.add_synthetic_speakers`` synthetic speakers beside a real source, namespaced "synthetic:<id>"
-    (training-only; see voiceprint.corpus.ADDED_SEPARATOR)."""
+    (training-only; see voiceprint.data.corpus.ADDED_SEPARATOR)."""
     extra = data.add_synthetic_speakers
     if extra == 0:
         return manifest, {}

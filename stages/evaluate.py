@@ -1,30 +1,33 @@
 """Stage evaluate: score the evaluation trials with every system, write metrics/eval.json and figures, and
 package the deployed system with its calibrated thresholds as models/voiceprint
-(evaluate.* params: voiceprint.contracts.EvaluateSettings).
+(evaluate.* params: voiceprint.core.contracts.EvaluateSettings).
 
 Systems: the softmax-only model, the base (triplet) model, base+head, their fusion (unless evaluate.fusion is none)
 and the no-training MFCC baseline; with evaluate.stats_branch lda also the LDA-projected MFCC statistics
-(``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.stats_lda), which is
+(``mfcc_lda``) and the deployed system joined with them (``<deployed>_mfcc_lda``, voiceprint.evaluation.stats_lda),
+which is
 then what the bundle serves; with evaluate.score_norm as_norm also that served system's AS-normalised scores
 (``<served>_asnorm``), on which the bundle is then calibrated and which it carries the cohort for.
 
 Trials: the list data/model_inputs generated (evaluate.trials ""), or a Kaldi/VoxCeleb list under data/trials/ of
-utterance ids of the feature store (voiceprint.trials); listed trials that cannot be scored are counted in
-eval.json ``trials`` and named in the log. LLR calibration (voiceprint.calibration): fitted on all trials among a
+utterance ids of the feature store (voiceprint.evaluation.trials); listed trials that cannot be scored are counted in
+eval.json ``trials`` and named in the log. LLR calibration (voiceprint.evaluation.calibration): fitted on all trials
+among a
 seeded share (evaluate.calibration_speakers) of the evaluation speakers, judged on the listed trials among the
 others (eval.json ``calibration``: Cllr, minCllr, actDCF, minDCF of the raw and the calibrated scores), stored in
 the bundle as llr_calibration.json; the decision thresholds are measured on all trials as before.
 """
 import dataclasses
 
-from voiceprint.contracts import EvaluateSettings
-from voiceprint.outputs import write_csv, write_metrics
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import configure_tensorflow, load_model
-from voiceprint.stage import run_stage
+from voiceprint.core.contracts import EvaluateSettings
+from voiceprint.core.outputs import write_csv, write_metrics
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import configure_tensorflow, load_model
+from voiceprint.core.stage import run_stage
 
 MODELS = {"softmax": "models/softmax.keras", "base": "models/triplet.keras"}
-HEAD_DIR = "models/tdnn_head"    # the head alone (voiceprint.models.trained_head); systems: voiceprint.systems
+HEAD_DIR = "models/tdnn_head"    # the head alone (voiceprint.models.trained_head); systems:
+                                 # voiceprint.evaluation.systems
 TRAINING_CURVES = {"softmax": "plots/softmax.csv", "triplet": "plots/triplet.csv", "tdnn_head": "plots/tdnn_head.csv"}
 FIGURES = "plots/eval"
 BUNDLE = "models/voiceprint"
@@ -45,25 +48,25 @@ def main() -> None:
     calibration_share, calibration_prior = settings.calibration_speakers, settings.calibration_prior
     base_weight = settings.base_weight()     # evaluate.fusion and fusion_weight: None for no fused system
     configure_tensorflow(seed)
-    from voiceprint import metrics, plots
-    from voiceprint.bundle import save_bundle
-    from voiceprint.embedding import embed_utterances
-    from voiceprint.evaluation import cosine_scores, guard_against_base, report_system, znorm_baseline
+    from voiceprint.evaluation import metrics, plots
+    from voiceprint.serving.bundle import save_bundle
+    from voiceprint.core.embedding import embed_utterances
+    from voiceprint.evaluation.scoring import cosine_scores, guard_against_base, report_system, znorm_baseline
     from voiceprint.models.trained_head import load_head
-    from voiceprint.splits import read_split
-    from voiceprint.systems import Systems
-    from voiceprint.store import FeatureStore
+    from voiceprint.data.splits import read_split
+    from voiceprint.evaluation.systems import Systems
+    from voiceprint.data.store import FeatureStore
 
     store = FeatureStore.open("data/features")
     split, trials = read_split("data/model_inputs")
     listed = None
     if trials_file:
-        from voiceprint.trials import evaluation_trials
+        from voiceprint.evaluation.trials import evaluation_trials
 
         trials, listed = evaluation_trials(trials_file, store.index, split)
         report_listed_trials(trials_file, listed)
     if score_norm == "as_norm":   # before any embedding: can the training speakers supply the top N?
-        from voiceprint.score_norm import check_top_n
+        from voiceprint.evaluation.score_norm import check_top_n
 
         check_top_n(cohort_top_n, split[split.role == "train"].speaker.nunique())
     ev = split[split.role == "evaluation"]
@@ -77,7 +80,7 @@ def main() -> None:
     embeddings["mfcc_baseline"] = znorm_baseline(store.baseline, train_rows)[positions]
     served, stats_lda = deploy, None
     if stats_branch == "lda":
-        from voiceprint.stats_lda import fit_stats_lda
+        from voiceprint.evaluation.stats_lda import fit_stats_lda
 
         stats_lda = fit_stats_lda(store.baseline[train_rows], train.speaker.to_numpy(), weight=stats_weight)
         embeddings["mfcc_lda"] = stats_lda.project(store.baseline[positions])
@@ -116,7 +119,7 @@ def main() -> None:
                 llr_calibration=llr_calibration, llr_fit=llr_fit, stats_lda=stats_lda,
                 onnx=True)   # model.onnx for the TensorFlow-free runtime, checked against the Keras model
 
-    from voiceprint.cross_corpus import has_recordings
+    from voiceprint.data.cross_corpus import has_recordings
     if has_recordings(cross_corpus):
         report["cross_corpus"] = score_cross_corpus(
             cross_corpus, systems, store, features, train_rows, deploy=deploy, cohort=cohort,
@@ -178,10 +181,10 @@ def fit_llr_on_held_out_speakers(report, system, raw_scores, ev, trials, embeddi
     too few speakers or the fit is impossible."""
     import numpy as np
 
-    from voiceprint.calibration import calibration_speakers, held_out_report
-    from voiceprint.errors import DataError
-    from voiceprint.evaluation import as_norm_scores, cosine_scores
-    from voiceprint.splits import make_trials
+    from voiceprint.evaluation.calibration import calibration_speakers, held_out_report
+    from voiceprint.core.errors import DataError
+    from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores
+    from voiceprint.data.splits import make_trials
 
     held = calibration_speakers(ev.speaker, share, seed)
     if held is None:
@@ -224,10 +227,10 @@ def score_cross_corpus(source, systems, store, features, train_rows, *, deploy, 
                        **report_args) -> dict:
     """Every system (and the MFCC baseline; with a statistics branch, mfcc_lda and the served joint system; with a
     cohort, the served system with AS-norm too) on all pairs of a corpus never trained on (evaluate.cross_corpus)."""
-    from voiceprint.cross_corpus import load_eval_set
-    from voiceprint.embedding import embed_features
-    from voiceprint.evaluation import as_norm_scores, cosine_scores, report_system, znorm_baseline
-    from voiceprint.runtime import default_workers
+    from voiceprint.data.cross_corpus import load_eval_set
+    from voiceprint.core.embedding import embed_features
+    from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores, report_system, znorm_baseline
+    from voiceprint.core.runtime import default_workers
 
     eval_set = load_eval_set(source, kind=features["kind"], vad=features["vad"], sample_rate=features["sample_rate"],
                              min_seconds=features["min_seconds"], workers=default_workers(), seed=report_args["seed"])
@@ -259,8 +262,8 @@ def training_cohort(systems, store, split, *, deploy, per_speaker, seed, window,
     served system exactly as the evaluation utterances are (fused: base and head embeddings, then ``fuse``; with a
     statistics branch, joined with the LDA-projected MFCC statistics), from at most ``per_speaker`` training
     utterances each: a speaker mean needs few, and this bounds the cost."""
-    from voiceprint.embedding import embed_utterances
-    from voiceprint.score_norm import pick_cohort_utterances, speaker_cohort
+    from voiceprint.core.embedding import embed_utterances
+    from voiceprint.evaluation.score_norm import pick_cohort_utterances, speaker_cohort
 
     picked = pick_cohort_utterances(split, per_speaker, seed)
     positions = store.position(picked.utterance)
@@ -277,9 +280,9 @@ def add_as_norm_system(report, scores, name, raw, embeddings, cohort, top_n, utt
     """Score the trials of system ``raw`` with AS-norm as system ``name`` (into ``report`` and ``scores``, with its
     DET points), and ``<name>_minus_<raw>_eer`` with its paired interval: does the normalisation help?
     Returns the line to print."""
-    from voiceprint import plots
-    from voiceprint.evaluation import as_norm_scores, paired_eer_difference_ci, report_system
-    from voiceprint.outputs import write_csv
+    from voiceprint.evaluation import plots
+    from voiceprint.evaluation.scoring import as_norm_scores, paired_eer_difference_ci, report_system
+    from voiceprint.core.outputs import write_csv
 
     scores[name] = as_norm_scores(embeddings, utterances, trials, cohort, top_n)
     # No original_protocol: it scores raw cosines, so it would repeat the raw system's numbers.

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from voiceprint.contracts import FeatureParams
-from voiceprint.errors import DataError
+from voiceprint.core.contracts import FeatureParams
+from voiceprint.core.errors import DataError
 from voiceprint.features import featurize_many
-from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import default_workers
-from voiceprint.stage import run_stage
-from voiceprint.store import StoreWriter
+from voiceprint.core.outputs import atomic_path, write_metrics
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import default_workers
+from voiceprint.core.stage import run_stage
+from voiceprint.data.store import StoreWriter
 
 RAW = Path("data/raw")
 FEATURES = "data/features"

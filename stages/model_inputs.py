@@ -1,11 +1,11 @@
 """Stage model_inputs: speaker-disjoint split, validation hold-out and the trial list (model_inputs.* params)."""
 import pandas as pd
 
-from voiceprint.contracts import ModelInputsSettings
-from voiceprint.outputs import atomic_path, write_metrics
-from voiceprint.params import Params, load_params
-from voiceprint.splits import make_trials, split_utterances
-from voiceprint.stage import run_stage
+from voiceprint.core.contracts import ModelInputsSettings
+from voiceprint.core.outputs import atomic_path, write_metrics
+from voiceprint.core.params import Params, load_params
+from voiceprint.data.splits import make_trials, split_utterances
+from voiceprint.core.stage import run_stage
 
 INDEX = "data/features/index.csv"
 OUT = "data/model_inputs"

@@ -2,14 +2,14 @@
 import dataclasses
 from pathlib import Path
 
-from voiceprint.augment import MaskSettings
-from voiceprint.contracts import SoftmaxSettings, TrainSettings
-from voiceprint.original_h5 import check_architecture, init_checkpoint_path
-from voiceprint.outputs import save_keras_model, write_csv, write_metrics
-from voiceprint.live import live_dir
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import configure_tensorflow
-from voiceprint.stage import run_stage
+from voiceprint.data.augment import MaskSettings
+from voiceprint.core.contracts import SoftmaxSettings, TrainSettings
+from voiceprint.training.original_h5 import check_architecture, init_checkpoint_path
+from voiceprint.core.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.training.live import live_dir
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import configure_tensorflow
+from voiceprint.core.stage import run_stage
 
 
 def read_settings(params: Params) -> tuple[SoftmaxSettings, MaskSettings, TrainSettings]:
@@ -25,10 +25,10 @@ def main() -> None:
         check_architecture(init, "softmax.init_checkpoint", filters=settings.filters, blocks=settings.blocks,
                            embedding_dim=settings.embedding_dim)
     configure_tensorflow(settings.seed)
-    from voiceprint import resume
-    from voiceprint.distribute import make_distribution
-    from voiceprint.splits import existing, training_inputs
-    from voiceprint.training import train_softmax
+    from voiceprint.training import resume
+    from voiceprint.training.distribute import make_distribution
+    from voiceprint.data.splits import existing, training_inputs
+    from voiceprint.training.fit import train_softmax
 
     distribution = make_distribution(train.strategy, mixed_precision=train.mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")

@@ -1,12 +1,12 @@
 """Stage tdnn_head: a head on the triplet model, dense on its embedding or a frame TDNN on its frame sequence
 (tdnn.* params except the fusion keys, which only the evaluate stage reads). Writes the head alone with the tap it
 reads (models/tdnn_head/, voiceprint.models.trained_head), plus the trunk only when tdnn.train_trunk trained it."""
-from voiceprint.contracts import HeadSettings
-from voiceprint.outputs import write_csv, write_metrics
-from voiceprint.live import live_dir
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import configure_tensorflow, load_model
-from voiceprint.stage import run_stage
+from voiceprint.core.contracts import HeadSettings
+from voiceprint.core.outputs import write_csv, write_metrics
+from voiceprint.training.live import live_dir
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import configure_tensorflow, load_model
+from voiceprint.core.stage import run_stage
 
 HEAD_DIR = "models/tdnn_head"
 
@@ -19,9 +19,9 @@ def read_settings(params: Params) -> HeadSettings:
 def main() -> None:
     settings = read_settings(load_params())
     configure_tensorflow(settings.seed)
-    from voiceprint.splits import training_inputs
+    from voiceprint.data.splits import training_inputs
     from voiceprint.models.trained_head import save_head
-    from voiceprint.training import train_head
+    from voiceprint.training.fit import train_head
 
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
     base = load_model("models/triplet.keras", what="triplet model")

@@ -3,13 +3,13 @@ params)."""
 import dataclasses
 from pathlib import Path
 
-from voiceprint.contracts import TrainSettings, TripletSettings
-from voiceprint.original_h5 import init_checkpoint_path
-from voiceprint.outputs import save_keras_model, write_csv, write_metrics
-from voiceprint.live import live_dir
-from voiceprint.params import Params, load_params
-from voiceprint.runtime import configure_tensorflow, load_model
-from voiceprint.stage import run_stage
+from voiceprint.core.contracts import TrainSettings, TripletSettings
+from voiceprint.training.original_h5 import init_checkpoint_path
+from voiceprint.core.outputs import save_keras_model, write_csv, write_metrics
+from voiceprint.training.live import live_dir
+from voiceprint.core.params import Params, load_params
+from voiceprint.core.runtime import configure_tensorflow, load_model
+from voiceprint.core.stage import run_stage
 
 SOFTMAX_MODEL = "models/softmax.keras"
 
@@ -23,10 +23,10 @@ def main() -> None:
     settings, train = read_settings(load_params())
     init = init_checkpoint_path(settings.init_checkpoint, "triplet.init_checkpoint")
     configure_tensorflow(settings.seed)
-    from voiceprint import resume
-    from voiceprint.distribute import make_distribution
-    from voiceprint.splits import existing, training_inputs
-    from voiceprint.training import train_triplet
+    from voiceprint.training import resume
+    from voiceprint.training.distribute import make_distribution
+    from voiceprint.data.splits import existing, training_inputs
+    from voiceprint.training.fit import train_triplet
 
     distribution = make_distribution(train.strategy, mixed_precision=train.mixed_precision)   # before any other TF op
     store, split = training_inputs("data/features", "data/model_inputs", "data/augmented")
@@ -34,7 +34,7 @@ def main() -> None:
         model = load_model(SOFTMAX_MODEL, what="softmax model")
     else:   # fine-tune a pretrained original Deep Speaker checkpoint instead of our softmax model
         from voiceprint.models import build_rescnn
-        from voiceprint.original_h5 import architecture_of, import_original_weights
+        from voiceprint.training.original_h5 import architecture_of, import_original_weights
 
         model, _ = build_rescnn(**architecture_of(init), num_bands=store.num_bands)
         print(import_original_weights(model, init).summary())

@@ -9,15 +9,15 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from voiceprint import api  # noqa: E402
-from voiceprint.audio import AudioError  # noqa: E402
-from voiceprint.bundle import ThresholdError, save_bundle  # noqa: E402
-from voiceprint.corpus.synthetic import generate  # noqa: E402
-from voiceprint.embedding import embed_features, embed_utterances  # noqa: E402
+from voiceprint.serving import api  # noqa: E402
+from voiceprint.data.audio import AudioError  # noqa: E402
+from voiceprint.serving.bundle import ThresholdError, save_bundle  # noqa: E402
+from voiceprint.data.corpus.synthetic import generate  # noqa: E402
+from voiceprint.core.embedding import embed_features, embed_utterances  # noqa: E402
 from voiceprint.features import featurize_file  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
-from voiceprint.registry import Registry, RegistryError  # noqa: E402
-from voiceprint.store import FeatureStore, StoreWriter  # noqa: E402
+from voiceprint.serving.registry import Registry, RegistryError  # noqa: E402
+from voiceprint.data.store import FeatureStore, StoreWriter  # noqa: E402
 
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
             "window_frames": 0, "hop_frames": 80}
@@ -181,7 +181,7 @@ def test_audio_files_expands_directories(corpus, tmp_path):
 def test_audio_files_takes_every_decodable_type_and_follows_links_once(tmp_path):
     import os
 
-    from voiceprint.audio import AUDIO_EXTENSIONS
+    from voiceprint.data.audio import AUDIO_EXTENSIONS
 
     top, other = tmp_path / "top", tmp_path / "other"
     top.mkdir(), other.mkdir()
@@ -219,7 +219,7 @@ def test_the_bundles_vad_reaches_featurize_file(rec, corpus, monkeypatch):
 def test_a_clipped_file_is_rejected_as_the_pipeline_rejects_it(rec, corpus, tmp_path):
     import soundfile as sf
 
-    from voiceprint.audio import AudioError
+    from voiceprint.data.audio import AudioError
 
     wav = np.clip(3.0 * np.sin(np.linspace(0, 2000, 32000)), -1, 1).astype(np.float32)   # ~80% at full scale
     sf.write(tmp_path / "clipped.wav", wav, 16000)
@@ -240,7 +240,7 @@ def normed(model, tmp_path_factory):
 
 
 def test_verify_and_compare_with_as_norm(normed, rec, corpus, embeddings):
-    from voiceprint.score_norm import as_norm
+    from voiceprint.evaluation.score_norm import as_norm
 
     nrec, cohort = normed
     files = list(corpus[1].file)
@@ -258,7 +258,7 @@ def test_verify_and_compare_with_as_norm(normed, rec, corpus, embeddings):
 
 
 def test_identify_with_as_norm(normed, corpus, embeddings, tmp_path):
-    from voiceprint.score_norm import as_norm
+    from voiceprint.evaluation.score_norm import as_norm
 
     nrec, cohort = normed
     manifest = corpus[1]

@@ -1,4 +1,4 @@
-"""Tests for voiceprint.audio: decoding, mono mixing, resampling, rejection reasons."""
+"""Tests for voiceprint.data.audio: decoding, mono mixing, resampling, rejection reasons."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from voiceprint.audio import AudioError, ChunkedAudio, load_audio
+from voiceprint.data.audio import AudioError, ChunkedAudio, load_audio
 
 
 def _shared_dir() -> Path:
@@ -212,7 +212,7 @@ def test_truncated_flac_is_unreadable_and_truncated_wav_keeps_what_is_there(tmp_
 
 
 def test_permission_denied(tmp_path, monkeypatch):
-    import voiceprint.audio as audio_module
+    import voiceprint.data.audio as audio_module
 
     p = _write(tmp_path / "locked.wav", _tone(440, 0.5, 16000), 16000, "PCM_16")
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from scipy.signal import welch
 
-from voiceprint import augment as A
-from voiceprint.params import Params, ParamsError, load_params
+from voiceprint.data import augment as A
+from voiceprint.core.params import Params, ParamsError, load_params
 from tests.conftest import REPO
 
 SR = 16000

@@ -9,7 +9,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from voiceprint import bundle as B  # noqa: E402
+from voiceprint.serving import bundle as B  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
 
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
@@ -241,7 +241,7 @@ def test_a_bundle_loads_under_its_old_file_name(saved, tmp_path):
 
 @pytest.fixture(scope="module")
 def with_llr(model, tmp_path_factory):
-    from voiceprint.calibration import LlrCalibration
+    from voiceprint.evaluation.calibration import LlrCalibration
 
     return B.save_bundle(tmp_path_factory.mktemp("llr") / "voiceprint", model, system="head", features=FEATURES,
                          thresholds=THRESHOLDS, evaluation=EVALUATION,
@@ -292,7 +292,7 @@ def _two_trunk_fused(base, head, w, trained_trunk=False):
 
 
 def test_an_older_two_trunk_bundle_is_rewritten_as_one_trunk(model, tmp_path):
-    from voiceprint.calibration import LlrCalibration
+    from voiceprint.evaluation.calibration import LlrCalibration
     from voiceprint.models import build_head
 
     keras.utils.set_random_seed(4)

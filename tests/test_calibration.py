@@ -1,12 +1,13 @@
-"""voiceprint.calibration: linear LLR calibration, Cllr, minCllr (PAV), actDCF, checked against closed forms."""
+"""voiceprint.evaluation.calibration: linear LLR calibration, Cllr, minCllr (PAV), actDCF, checked against closed
+forms."""
 import math
 
 import numpy as np
 import pytest
 
-from voiceprint import calibration as C
-from voiceprint import metrics
-from voiceprint.errors import DataError
+from voiceprint.evaluation import calibration as C
+from voiceprint.evaluation import metrics
+from voiceprint.core.errors import DataError
 
 # Equal-variance Gaussian scores (cosine-like numbers): the ideal LLR is linear with a closed form.
 MU_TARGET, MU_NONTARGET, SD = 0.6, 0.1, 0.15
@@ -167,8 +168,8 @@ def _speaker_embeddings(speakers=8, per_speaker=5, dim=16, spread=0.8, seed=0):
 
 def test_evaluate_fits_on_held_out_speakers_and_reports_on_the_others():
     from stages.evaluate import fit_llr_on_held_out_speakers
-    from voiceprint.evaluation import cosine_scores
-    from voiceprint.splits import make_trials
+    from voiceprint.evaluation.scoring import cosine_scores
+    from voiceprint.data.splits import make_trials
 
     ev, emb = _speaker_embeddings()
     trials = make_trials(ev, max_nontarget=10_000, seed=0)
@@ -197,8 +198,8 @@ def test_evaluate_fits_on_held_out_speakers_and_reports_on_the_others():
 
 def test_evaluate_skips_the_calibration_with_too_few_speakers(capsys):
     from stages.evaluate import fit_llr_on_held_out_speakers
-    from voiceprint.evaluation import cosine_scores
-    from voiceprint.splits import make_trials
+    from voiceprint.evaluation.scoring import cosine_scores
+    from voiceprint.data.splits import make_trials
 
     ev, emb = _speaker_embeddings(speakers=3)
     trials = make_trials(ev, max_nontarget=10_000, seed=0)

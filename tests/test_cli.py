@@ -14,12 +14,12 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from voiceprint import cli  # noqa: E402
-from voiceprint.api import Recognizer  # noqa: E402
-from voiceprint.bundle import save_bundle  # noqa: E402
-from voiceprint.corpus.synthetic import generate  # noqa: E402
+from voiceprint.serving import cli  # noqa: E402
+from voiceprint.serving.api import Recognizer  # noqa: E402
+from voiceprint.serving.bundle import save_bundle  # noqa: E402
+from voiceprint.data.corpus.synthetic import generate  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
-from voiceprint.registry import Registry  # noqa: E402
+from voiceprint.serving.registry import Registry  # noqa: E402
 
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
             "window_frames": 0, "hop_frames": 80}
@@ -65,7 +65,7 @@ def test_verify_human_and_json(setup, capsys):
 
 
 def test_verify_reports_the_scoring(setup, capsys):
-    from voiceprint.score_norm import as_norm_matrix
+    from voiceprint.evaluation.score_norm import as_norm_matrix
 
     a, b = setup["files"][:2]
     _, out, _ = _run(capsys, "verify", a, b, "--model", setup["bundle"], "--json")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from voiceprint import cli
+from voiceprint.serving import cli
 
 
 def _run(capsys, *args):
@@ -123,7 +123,7 @@ def test_preset_prints_dvc_flags_like_python_m_voiceprint_params(capsys, tmp_pat
     assert json.loads(out)["assignments"] == ["train.epochs=2", "features.kind=fbank_norm"]
     # the python -m form still works, and says the same (it reads params.yaml in the working directory)
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "voiceprint.params", "fast.yaml"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "voiceprint.core.params", "fast.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, env={"PYTHONPATH": str(repo)}, timeout=120)
     assert (proc.returncode, proc.stdout) == (0, "-S train.epochs=2 -S features.kind=fbank_norm\n")
     (tmp_path / "typo.yaml").write_text("train:\n  epoch: 2\n")

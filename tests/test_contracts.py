@@ -11,9 +11,9 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_training import TINY_MODEL, tiny  # noqa: F401 -- tiny: the module's feature store fixture
-from voiceprint import contracts as C
-from voiceprint.augment import AugmentSettings, MaskSettings
-from voiceprint.params import Params, ParamsError, load_params
+from voiceprint.core import contracts as C
+from voiceprint.data.augment import AugmentSettings, MaskSettings
+from voiceprint.core.params import Params, ParamsError, load_params
 
 STAGES = ["download", "mfcc", "model_inputs", "augment", "softmax", "triplet", "tdnn_head", "evaluate"]
 CONTRACTS = [C.DataSettings, C.FeatureParams, C.ModelInputsSettings, AugmentSettings, MaskSettings,
@@ -54,15 +54,15 @@ def test_contract_defaults_are_the_params_file_values_and_every_key_has_help(con
 
 
 def test_choices_come_from_the_registries():
-    from voiceprint.corpus import SOURCES
-    from voiceprint.distribute import STRATEGIES
-    from voiceprint.evaluation import FUSIONS
+    from voiceprint.data.corpus import SOURCES
+    from voiceprint.training.distribute import STRATEGIES
+    from voiceprint.evaluation.scoring import FUSIONS
     from voiceprint.features import FEATURE_KINDS, VAD_KINDS
     from voiceprint.losses import LOSSES, classification_losses
     from voiceprint.models import HEADS
-    from voiceprint.score_norm import MIN_TOP_N, SCORE_NORMS
-    from voiceprint.stats_lda import STATS_BRANCHES
-    from voiceprint.training import LR_SCHEDULES
+    from voiceprint.evaluation.score_norm import MIN_TOP_N, SCORE_NORMS
+    from voiceprint.evaluation.stats_lda import STATS_BRANCHES
+    from voiceprint.training.fit import LR_SCHEDULES
 
     def choices(contract, key):
         spec = next(f for f in dataclasses.fields(contract) if f.name == key).metadata["choices"]
@@ -200,8 +200,8 @@ def toy_plugin(tmp_path, monkeypatch):
 
 
 def test_a_loss_and_a_head_added_in_one_file_are_offered_and_trained_with_their_own_settings(toy_plugin, tiny):
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.training import train_head, train_softmax
+    from voiceprint.core.runtime import configure_tensorflow
+    from voiceprint.training.fit import train_head, train_softmax
 
     settings = C.HeadSettings.read(tdnn(kind="toy", loss="toy_focal", loss_args={"gamma": 2.0},
                                         head_args={"width": 6}, output_dim=3, epochs=1, batch_size=8,

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 from tests.test_resume import stage_env, write_stage_params, write_tiny_inputs
-from voiceprint.contracts import SoftmaxSettings
-from voiceprint.distribute import Distribution, cpu_flags, is_chief, make_distribution, read_tf_config, resolve_precision
-from voiceprint.runtime import configure_tensorflow
+from voiceprint.core.contracts import SoftmaxSettings
+from voiceprint.training.distribute import (Distribution, cpu_flags, is_chief, make_distribution, read_tf_config,
+                                            resolve_precision)
+from voiceprint.core.runtime import configure_tensorflow
 
 # --- TF_CONFIG and precision ---
 
@@ -75,7 +76,7 @@ def test_mixed_precision_trains_half_convolutions_and_saves_a_float32_model(tmp_
     import keras
     import tensorflow as tf
 
-    import voiceprint.training as training
+    import voiceprint.training.fit as training
 
     store, split = write_tiny_inputs(tmp_path)
     configure_tensorflow(3)
@@ -104,12 +105,12 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from voiceprint.distribute import make_distribution
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.splits import read_split
-    from voiceprint.store import FeatureStore
-    from voiceprint.contracts import SoftmaxSettings, TripletSettings
-    from voiceprint.training import train_softmax, train_triplet
+    from voiceprint.training.distribute import make_distribution
+    from voiceprint.core.runtime import configure_tensorflow
+    from voiceprint.data.splits import read_split
+    from voiceprint.data.store import FeatureStore
+    from voiceprint.core.contracts import SoftmaxSettings, TripletSettings
+    from voiceprint.training.fit import train_softmax, train_triplet
 
     softmax, triplet = SoftmaxSettings(**json.loads(sys.argv[1])), TripletSettings(**json.loads(sys.argv[2]))
     store = FeatureStore.open("data/features")
@@ -200,7 +201,7 @@ def test_two_workers_on_localhost_train_and_only_the_chief_writes(tmp_path):
     history = pd.read_csv(chief / "plots/softmax.csv")
     assert list(history.epoch) == [1, 2]
 
-    from voiceprint.training import train_softmax
+    from voiceprint.training.fit import train_softmax
 
     configure_tensorflow(5)
     one_device = train_softmax(store, split, SoftmaxSettings(lr=1e-3, **softmax), verbose=0).history
@@ -233,7 +234,7 @@ def _gpus() -> int:
 
 @pytest.mark.skipif(_gpus() == 0, reason="needs a GPU (the stage uses mixed precision on GPUs only)")
 def test_on_a_gpu_mixed_precision_trains_and_saves_float32(tmp_path):
-    from voiceprint.training import train_softmax
+    from voiceprint.training.fit import train_softmax
 
     store, split = write_tiny_inputs(tmp_path)
     configure_tensorflow(3)

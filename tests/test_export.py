@@ -11,7 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from voiceprint import export as E  # noqa: E402
+from voiceprint.serving import export as E  # noqa: E402
 from voiceprint.models.rescnn import build_rescnn  # noqa: E402
 
 BANDS, DIM = 64, 16
@@ -198,16 +198,16 @@ def test_command_line_export(tmp_path):
     import sys
 
     from tests.conftest import REPO
-    from voiceprint.outputs import save_keras_model
+    from voiceprint.core.outputs import save_keras_model
 
     model, _ = build_rescnn(filters=[4, 8, 8, 8], blocks=1, embedding_dim=16)
     save_keras_model(model, tmp_path / "m.keras")
-    cmd = [sys.executable, "-m", "voiceprint.export", str(tmp_path / "m.keras")]
+    cmd = [sys.executable, "-m", "voiceprint.serving.export", str(tmp_path / "m.keras")]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(cmd + ["--format", "tflite", "-o", str(tmp_path / "m.tflite")], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert E.load_tflite_embedder(tmp_path / "m.tflite")(np.zeros((50, 64), "float32")).shape == (16,)
-    bad = subprocess.run([sys.executable, "-m", "voiceprint.export", str(tmp_path / "nope.keras"), "--format",
+    bad = subprocess.run([sys.executable, "-m", "voiceprint.serving.export", str(tmp_path / "nope.keras"), "--format",
                           "savedmodel", "-o", str(tmp_path / "sm")], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "nope.keras" in bad.stderr and "Traceback" not in bad.stderr

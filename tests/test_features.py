@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from voiceprint import features as F
-from voiceprint.audio import AudioError, load_audio
+from voiceprint.data.audio import AudioError, load_audio
 from voiceprint.features import framing, kernels, kinds, runner, vad as V
 from voiceprint.features import (
     FEATURE_KINDS,
@@ -652,9 +652,9 @@ def test_a_kind_registered_at_test_time_streams_long_files_through_its_own_objec
 
 
 def test_feature_kinds_are_registered_objects_and_validation_lists_the_registry(toy_kind):
-    from voiceprint.bundle import parse_features
-    from voiceprint.contracts import FeatureParams
-    from voiceprint.params import Params
+    from voiceprint.serving.bundle import parse_features
+    from voiceprint.core.contracts import FeatureParams
+    from voiceprint.core.params import Params
 
     params = {"kind": "logmel_cmn", "min_seconds": 0.5, "vad": "original", "max_clipped_fraction": 0.01}
     assert list(F.FEATURE_KINDS) == ["fbank_norm", "logmel_cmn", "toy_diff_energy"]

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from voiceprint import fetch
-from voiceprint.fetch import ChecksumMismatch, FetchError, NotEnoughSpace, UnsafeArchive
+from voiceprint.data import fetch
+from voiceprint.data.fetch import ChecksumMismatch, FetchError, NotEnoughSpace, UnsafeArchive
 
 
 class FileServer:

@@ -1,4 +1,4 @@
-"""Tests for voiceprint.corpus.folder.scan: folders and CSV manifests in, manifest + rejected list out."""
+"""Tests for voiceprint.data.corpus.folder.scan: folders and CSV manifests in, manifest + rejected list out."""
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import REPO
-from voiceprint.corpus import MANIFEST_COLUMNS
-from voiceprint.corpus import folder as folder_module
-from voiceprint.corpus.folder import FOLDER_MANIFEST_COLUMNS, REJECT_REASONS, REJECTED_COLUMNS, scan
+from voiceprint.data.corpus import MANIFEST_COLUMNS
+from voiceprint.data.corpus import folder as folder_module
+from voiceprint.data.corpus.folder import FOLDER_MANIFEST_COLUMNS, REJECT_REASONS, REJECTED_COLUMNS, scan
 from voiceprint.features import featurize_many
 
 
@@ -157,7 +157,7 @@ def test_fifo_and_link_to_a_device_are_rejected_without_hanging(tmp_path):
     _tone(tmp_path / "spk" / "ok.wav")
     os.mkfifo(tmp_path / "spk" / "pipe.wav")              # open() would wait for a writer forever
     os.symlink("/dev/zero", tmp_path / "spk" / "zero.wav")  # reading would never end
-    code = ("import json, sys; from voiceprint.corpus.folder import scan; "
+    code = ("import json, sys; from voiceprint.data.corpus.folder import scan; "
             "print(json.dumps(dict(zip(*scan(sys.argv[1])[1][['path', 'reason']].values.T))))")
     # A subprocess with a timeout: the bug is a hang, and a hung test must still end.
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 import pytest
 
-from voiceprint import metrics
-from voiceprint.evaluation import fuse, guard_against_base
+from voiceprint.evaluation import metrics
+from voiceprint.evaluation.scoring import fuse, guard_against_base
 from voiceprint.losses import get_loss
 from voiceprint.models import StatisticsPooling, build_head, context_to_conv, frame_tdnn
-from voiceprint.params import Params, ParamsError
-from voiceprint.runtime import configure_tensorflow
+from voiceprint.core.params import Params, ParamsError
+from voiceprint.core.runtime import configure_tensorflow
 
 
 def test_contexts_map_to_kernel_and_dilation():
@@ -110,7 +110,7 @@ def _original_conv1d_head():
 
 
 def test_guard_exposes_the_original_failure_and_passes_proper_heads(speaker_vectors, capsys):
-    from voiceprint.training import array_batches, fit_head
+    from voiceprint.training.fit import array_batches, fit_head
 
     configure_tensorflow(0)
     (x_train, y_train), (x_eval, y_eval) = speaker_vectors
@@ -177,7 +177,7 @@ def test_fused_model_is_one_trunk_pass_and_outputs_the_fused_embedding(tmp_path,
 
 
 def test_head_is_saved_alone_with_its_tap_and_a_trained_trunk_only_when_there_is_one(tmp_path):
-    from voiceprint.errors import DataError, MissingFileError
+    from voiceprint.core.errors import DataError, MissingFileError
     from voiceprint.models import build_rescnn, tap_model
     from voiceprint.models.trained_head import TrainedHead, load_head, save_head
 
@@ -211,7 +211,7 @@ def test_head_is_saved_alone_with_its_tap_and_a_trained_trunk_only_when_there_is
 def test_paired_interval_of_the_eer_difference():
     import pandas as pd
 
-    from voiceprint.evaluation import paired_eer_difference_ci
+    from voiceprint.evaluation.scoring import paired_eer_difference_ci
 
     rng = np.random.default_rng(3)
     rows = [(f"s{i}", f"s{j}", int(i == j)) for i in range(12) for j in range(12) for _ in range(3)]
@@ -236,8 +236,8 @@ def test_paired_interval_refuses_fewer_replicates_than_asked_like_the_eer_interv
     replicates of the 200 asked: the paired interval used to be computed from them without a word."""
     import pandas as pd
 
-    from voiceprint.errors import VoiceprintError
-    from voiceprint.evaluation import paired_eer_difference_ci
+    from voiceprint.core.errors import VoiceprintError
+    from voiceprint.evaluation.scoring import paired_eer_difference_ci
 
     rows = [("s0", "s1", 1)] * 20 + [("s2", "s3", 0)] * 20
     trials = pd.DataFrame(rows, columns=["enroll_speaker", "test_speaker", "label"])

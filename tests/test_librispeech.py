@@ -14,10 +14,10 @@ import yaml
 
 from tests.conftest import REPO, SHARED
 from tests.test_fetch import FileServer, Usage
-from voiceprint import fetch
-from voiceprint.corpus import MANIFEST_COLUMNS, librispeech
-from voiceprint.corpus.librispeech import Archive
-from voiceprint.params import ParamsError
+from voiceprint.data import fetch
+from voiceprint.data.corpus import MANIFEST_COLUMNS, librispeech
+from voiceprint.data.corpus.librispeech import Archive
+from voiceprint.core.params import ParamsError
 
 # Archive name -> speakers of librispeech-mini's test-other/ packed under LibriSpeech/<archive name>/.
 CONTENTS = {"dev-clean": ("367", "533"), "test-other": ("1688",)}

@@ -1,11 +1,11 @@
-"""Live training logs (voiceprint/live.py): DVCLive files written per epoch, continued on resume."""
+"""Live training logs (voiceprint/training/live.py): DVCLive files written per epoch, continued on resume."""
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from voiceprint.live import EpochLog, logged_steps
-from voiceprint.resume import ResumeState
+from voiceprint.training.live import EpochLog, logged_steps
+from voiceprint.training.resume import ResumeState
 
 ROWS = [{"epoch": 1, "loss": 2.0, "val_loss": 2.5}, {"epoch": 2, "loss": 1.5, "val_loss": 2.25},
         {"epoch": 3, "loss": 1.25, "val_loss": 2.125}]
@@ -72,9 +72,9 @@ class _Watching(ResumeState):
 
 def test_training_writes_each_epoch_to_the_live_log_while_it_runs(tmp_path):
     from tests.test_resume import TINY_MODEL, write_tiny_inputs
-    from voiceprint.contracts import SoftmaxSettings
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.training import train_softmax
+    from voiceprint.core.contracts import SoftmaxSettings
+    from voiceprint.core.runtime import configure_tensorflow
+    from voiceprint.training.fit import train_softmax
 
     store, split = write_tiny_inputs(tmp_path / "inputs", speakers=4, utterances=3)
     live_dir = tmp_path / "dvclive" / "softmax"
@@ -111,8 +111,8 @@ def test_a_head_logs_each_epoch_of_its_own_training_loop(tmp_path):
     import numpy as np
 
     from voiceprint.models import build_head
-    from voiceprint.runtime import configure_tensorflow
-    from voiceprint.training import array_batches, fit_head
+    from voiceprint.core.runtime import configure_tensorflow
+    from voiceprint.training.fit import array_batches, fit_head
 
     configure_tensorflow(0)
     rng = np.random.default_rng(0)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from voiceprint import cli, log
-from voiceprint.outputs import versions_path, write_metrics
+from voiceprint.serving import cli
+from voiceprint.core import log
+from voiceprint.core.outputs import versions_path, write_metrics
 
 # Command-line modules and entry points, whose output is their product (JSON, file names, flags).
 CLI_MODULES = {"cli.py"}
@@ -61,12 +62,12 @@ def package_logger():
 def test_quiet_and_verbose_set_what_the_cli_shows(tmp_path, capsys, package_logger, flags, shown):
     assert cli.main(["speakers", "list", "--registry", str(tmp_path / "r.sqlite"), *flags]) == 0
     capsys.readouterr()
-    module_logger = logging.getLogger("voiceprint.training")
+    module_logger = logging.getLogger("voiceprint.training.fit")
     module_logger.debug("a debug line")
     module_logger.info("an info line")
     module_logger.warning("a warning line")
     err = capsys.readouterr().err
-    said = {level for level, line in (("debug", "debug voiceprint.training: a debug line"),
+    said = {level for level, line in (("debug", "debug voiceprint.training.fit: a debug line"),
                                       ("info", "an info line"), ("warning", "warning: a warning line"))
             if line in err}
     assert said == shown

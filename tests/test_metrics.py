@@ -1,4 +1,4 @@
-"""Tests for voiceprint.metrics (hand-computed cases + cross-checks against brute force / sklearn)."""
+"""Tests for voiceprint.evaluation.metrics (hand-computed cases + cross-checks against brute force / sklearn)."""
 
 import json
 import time
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from voiceprint import metrics as M
-from voiceprint.metrics import (
+from voiceprint.evaluation import metrics as M
+from voiceprint.evaluation.metrics import (
     bootstrap_eer_ci,
     det_points,
     eer,

@@ -89,8 +89,8 @@ def test_dense_head_attached_is_normalised():
 
 
 def test_saved_model_is_byte_reproducible_and_loads_safely(tmp_path):
-    from voiceprint.outputs import save_keras_model
-    from voiceprint.runtime import load_model
+    from voiceprint.core.outputs import save_keras_model
+    from voiceprint.core.runtime import load_model
 
     emb, _ = build_rescnn(filters=[4, 4, 4, 4], blocks=1, embedding_dim=8)
     save_keras_model(emb, tmp_path / "a.keras")
@@ -113,12 +113,12 @@ def test_saved_model_bytes_do_not_depend_on_the_process(tmp_path):
     from tests.conftest import REPO
 
     script = ("import sys, keras; keras.utils.set_random_seed(0);"
-              "from voiceprint.models import build_rescnn; from voiceprint.outputs import save_keras_model;"
+              "from voiceprint.models import build_rescnn; from voiceprint.core.outputs import save_keras_model;"
               "save_keras_model(build_rescnn(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8)[0], sys.argv[1])")
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.keras")], check=True, cwd=REPO,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
-    from voiceprint.runtime import load_model
+    from voiceprint.core.runtime import load_model
 
     assert load_model(tmp_path / "a.keras").count_params() > 0

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from voiceprint.models import build_rescnn
-from voiceprint.original_h5 import (CheckpointError, ImportReport, export_original_weights, import_original_weights,
+from voiceprint.training.original_h5 import (CheckpointError, ImportReport, export_original_weights,
+                                             import_original_weights,
                                     read_original_layout)
 
 # Located as tests/conftest.py's `shared_dir` does; module-scoped fixtures cannot use that function-scoped one.
@@ -386,7 +387,7 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 
 
 def test_large_string_lists_are_chunked_like_tf_keras(tmp_path):
-    from voiceprint.original_h5 import _read_str_list, _write_str_list
+    from voiceprint.training.original_h5 import _read_str_list, _write_str_list
     names = [f"layer_with_a_long_name_{i:05d}" for i in range(4000)]       # ~116 kB > the 64 kB header limit
     with h5py.File(tmp_path / "a.h5", "w") as f:
         _write_str_list(f, "layer_names", names)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from voiceprint import cli
-from voiceprint.outputs import atomic_path, write_text
+from voiceprint.serving import cli
+from voiceprint.core.outputs import atomic_path, write_text
 
 
 def _tree(root):

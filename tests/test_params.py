@@ -1,7 +1,7 @@
 import pytest
 
 from tests.conftest import REPO
-from voiceprint.params import Params, ParamsError, load_params
+from voiceprint.core.params import Params, ParamsError, load_params
 
 
 def section(**values):
@@ -51,7 +51,7 @@ def test_repo_params_file_is_valid():
 
 
 def test_preset_becomes_set_param_flags(tmp_path):
-    from voiceprint.params import preset_assignments
+    from voiceprint.core.params import preset_assignments
 
     preset = tmp_path / "preset.yaml"
     preset.write_text("softmax:\n  filters: [64, 128]\n  epochs: 40\ndata:\n  source: librispeech\n")

@@ -1,8 +1,9 @@
-"""The raw-PCM models (voiceprint.pcm_export): features computed in the graph, embeddings as the package makes them.
+"""The raw-PCM models (voiceprint.serving.pcm_export): features computed in the graph, embeddings as the package makes
+them.
 
 Synthetic tests (always run with TensorFlow installed) use one tiny ResCNN with random weights, BatchNorm
 statistics included; the real-data test (skipped without ../shared) exports the shipped model and compares it
-with :class:`voiceprint.api.Recognizer` on a few LibriSpeech-mini files.
+with :class:`voiceprint.serving.api.Recognizer` on a few LibriSpeech-mini files.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from voiceprint import embedding, features as F, pcm_export as P  # noqa: E402
+from voiceprint.core import embedding  # noqa: E402
+from voiceprint import features as F  # noqa: E402
+from voiceprint.serving import pcm_export as P  # noqa: E402
 from voiceprint.features import filterbanks  # noqa: E402
-from voiceprint.bundle import DEFAULT_FEATURES  # noqa: E402
+from voiceprint.serving.bundle import DEFAULT_FEATURES  # noqa: E402
 from voiceprint.models.rescnn import build_rescnn  # noqa: E402
 
 DIM = 16
@@ -67,7 +70,7 @@ def onnx_file(model, tmp_path_factory):
     """The default features (logmel_cmn) exported through the export command's main, from a bare .keras file."""
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
-    from voiceprint import export as E
+    from voiceprint.serving import export as E
 
     root = tmp_path_factory.mktemp("pcm")
     model.save(root / "tiny.keras")
@@ -113,7 +116,7 @@ def test_graph_mfcc_statistics_match_the_package():
 def test_onnx_pcm_model_with_a_statistics_branch_embeds_like_the_package(model, tmp_path):
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
-    from voiceprint.stats_lda import fit_stats_lda
+    from voiceprint.evaluation.stats_lda import fit_stats_lda
 
     signals = [_speechlike(16000 + 300 * i, seed=30 + i) for i in range(12)]
     stats = np.stack([F.mfcc_stats(s) for s in signals])
@@ -215,9 +218,9 @@ def test_tflite_pcm_model_embeds_like_the_package(model, tmp_path):
 def test_shipped_model_as_pcm_onnx_agrees_with_the_recognizer_on_real_files(tmp_path):
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
-    from voiceprint.api import Recognizer
-    from voiceprint.audio import load_audio
-    from voiceprint.pretrained import SHIPPED
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.data.audio import load_audio
+    from voiceprint.serving.pretrained import SHIPPED
 
     rec = Recognizer(SHIPPED, backend="keras")
     embedder = P.load_pcm_onnx(P.export_pcm_onnx(rec.bundle.model, rec.bundle.features, tmp_path / "pcm.onnx",

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
 from tests.conftest import REPO  # noqa: E402
-from voiceprint import plots  # noqa: E402
+from voiceprint.evaluation import plots  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +104,7 @@ def test_embedding_projection_deterministic(tmp_path, method):
 def test_det_table_adds_the_normal_deviates_of_both_rates():
     from scipy.stats import norm
 
-    from voiceprint.plots import det_table
+    from voiceprint.evaluation.plots import det_table
 
     scores = [0.9, 0.8, 0.3, 0.7, 0.2, 0.1]
     labels = [1, 1, 1, 0, 0, 0]
@@ -119,7 +119,7 @@ def test_det_table_adds_the_normal_deviates_of_both_rates():
 
 
 def test_the_committed_det_template_is_the_generated_one():
-    from voiceprint.plots import DET_TEMPLATE, det_vega_template
+    from voiceprint.evaluation.plots import DET_TEMPLATE, det_vega_template
 
     assert json.loads((REPO / DET_TEMPLATE).read_text()) == det_vega_template()
 

@@ -10,9 +10,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from voiceprint import cli, pretrained  # noqa: E402
-from voiceprint.api import Recognizer, default_model_path  # noqa: E402
-from voiceprint.bundle import save_bundle  # noqa: E402
+from voiceprint.serving import cli, pretrained  # noqa: E402
+from voiceprint.serving.api import Recognizer, default_model_path  # noqa: E402
+from voiceprint.serving.bundle import save_bundle  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
 
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from voiceprint.augment import AugmentSettings
-from voiceprint.augmented import make_copies, plan
-from voiceprint.corpus import from_added_source
-from voiceprint.cross_corpus import has_recordings, load_eval_set
-from voiceprint.splits import split_utterances, training_inputs
-from voiceprint.store import FeatureStore, StoreWriter
+from voiceprint.data.augment import AugmentSettings
+from voiceprint.data.augmented import make_copies, plan
+from voiceprint.data.corpus import from_added_source
+from voiceprint.data.cross_corpus import has_recordings, load_eval_set
+from voiceprint.data.splits import split_utterances, training_inputs
+from voiceprint.data.store import FeatureStore, StoreWriter
 
 
 def test_added_source_speakers_are_training_only():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voiceprint.registry import Registry, RegistryError, default_registry_path
+from voiceprint.serving.registry import Registry, RegistryError, default_registry_path
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64
@@ -150,7 +150,7 @@ def test_failure_between_inserts_leaves_no_half_enrolment(registry, monkeypatch)
 KILLED_MID_ENROLMENT = """
 import os, signal, sys
 import numpy as np
-from voiceprint.registry import Registry
+from voiceprint.serving.registry import Registry
 
 real = Registry._insert_enrollment
 count = []
@@ -167,7 +167,7 @@ Registry(sys.argv[1]).enroll("bob", np.eye(3), model_sha256="a" * 64,
 CONCURRENT_WORKER = """
 import sys
 import numpy as np
-from voiceprint.registry import Registry
+from voiceprint.serving.registry import Registry
 
 path, worker = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(worker)

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.e2e  # real dvc, git and gto commands: ~40 s per test o
 
 from tests.conftest import REPO  # noqa: E402
 from tests.test_pipeline_e2e import make_repo, run  # noqa: E402
-from voiceprint import api, cli  # noqa: E402
-from voiceprint.bundle import save_bundle  # noqa: E402
-from voiceprint.corpus.synthetic import generate  # noqa: E402
+from voiceprint.serving import api, cli  # noqa: E402
+from voiceprint.serving.bundle import save_bundle  # noqa: E402
+from voiceprint.data.corpus.synthetic import generate  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
 
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,

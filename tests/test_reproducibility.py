@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import REPO
 from voiceprint import features
-from voiceprint import portable_math as pm
-from voiceprint.corpus import synthetic
+from voiceprint.core import portable_math as pm
+from voiceprint.data.corpus import synthetic
 
 # path -> md5 of (FLAC file, logmel_cmn features, mfcc_stats vector, fbank_norm features): 2 speakers x 2
 # utterances of 1-1.5 s, seed 2017.  Changed deliberately only with the corpus or the features (say so in the

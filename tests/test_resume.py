@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from voiceprint.contracts import SoftmaxSettings, TripletSettings
-from voiceprint.resume import RESUME_ROOT, STATE_FILE, ResumeState, Snapshot, enabled, fingerprint, \
+from voiceprint.core.contracts import SoftmaxSettings, TripletSettings
+from voiceprint.training.resume import RESUME_ROOT, STATE_FILE, ResumeState, Snapshot, enabled, fingerprint, \
     stage_resume_state
-from voiceprint.runtime import configure_tensorflow
-from voiceprint.store import FeatureStore, StoreWriter
+from voiceprint.core.runtime import configure_tensorflow
+from voiceprint.data.store import FeatureStore, StoreWriter
 
 TINY_MODEL = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, dropout=0.1)
 SPLIT_COLUMNS = ["utterance", "speaker", "role", "label", "reason"]
@@ -174,8 +174,8 @@ def _saved_epoch(directory: Path) -> int:
 
 def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="voiceprint")
-    from voiceprint.batching import ClassificationBatches
-    from voiceprint.training import _train_counter, train_softmax
+    from voiceprint.training.batching import ClassificationBatches
+    from voiceprint.training.fit import _train_counter, train_softmax
 
     store, split = tiny
     settings = SoftmaxSettings(epochs=3, batch_size=4, lr=1e-3, seed=5, **TINY_MODEL)
@@ -208,8 +208,8 @@ def test_interrupted_softmax_resumes_to_the_same_weights(tiny, tmp_path, monkeyp
 
 def test_interrupted_triplet_resumes_and_a_stale_resume_state_is_not_used(tiny, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="voiceprint")
-    from voiceprint.batching import SpeakerBatches
-    from voiceprint.training import _train_counter, train_softmax, train_triplet
+    from voiceprint.training.batching import SpeakerBatches
+    from voiceprint.training.fit import _train_counter, train_softmax, train_triplet
 
     store, split = tiny
     configure_tensorflow(1)

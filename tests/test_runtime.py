@@ -15,8 +15,8 @@ import soundfile as sf
 
 from voiceprint import features as F
 from voiceprint.features import filterbanks as FB, kernels
-from voiceprint.audio import _resample
-from voiceprint.bundle import BundleError, load_bundle
+from voiceprint.data.audio import _resample
+from voiceprint.serving.bundle import BundleError, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
@@ -33,7 +33,7 @@ def _cosines(a, b):
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory):
     """Synthetic speech-like files of 1-6 s: 16 kHz FLAC, plus one 44.1 kHz stereo WAV (resampled, mixed down)."""
-    from voiceprint.corpus.synthetic import generate
+    from voiceprint.data.corpus.synthetic import generate
 
     root = tmp_path_factory.mktemp("audio")
     manifest = generate(root, num_speakers=2, utterances_per_speaker=2, min_seconds=1.0, max_seconds=6.0, seed=3)
@@ -116,14 +116,14 @@ def model():
 
 @pytest.fixture(scope="module")
 def bundle(model, tmp_path_factory):
-    from voiceprint.bundle import save_bundle
+    from voiceprint.serving.bundle import save_bundle
 
     return save_bundle(tmp_path_factory.mktemp("bundle") / "voiceprint", model, system="head", features=FEATURES,
                        thresholds=THRESHOLDS, evaluation={"eer": 0.1}, onnx=True)
 
 
 def test_the_bundle_carries_a_hashed_onnx_model_and_auto_runs_it(bundle, model):
-    from voiceprint.bundle import file_sha256
+    from voiceprint.serving.bundle import file_sha256
 
     calibration = json.loads((bundle / "thresholds.json").read_text())
     assert sorted(p.name for p in bundle.iterdir()) == ["model.keras", "model.onnx", "thresholds.json"]
@@ -138,7 +138,7 @@ def test_the_bundle_carries_a_hashed_onnx_model_and_auto_runs_it(bundle, model):
 
 
 def test_same_weights_give_the_same_onnx_bytes(bundle, model, tmp_path):
-    from voiceprint.bundle import save_bundle
+    from voiceprint.serving.bundle import save_bundle
 
     again = save_bundle(tmp_path / "again", model, system="head", features=FEATURES, thresholds=THRESHOLDS,
                         evaluation={"eer": 0.1}, onnx=True)
@@ -147,7 +147,7 @@ def test_same_weights_give_the_same_onnx_bytes(bundle, model, tmp_path):
 
 
 def test_recognizer_backends_agree_on_files(bundle, audio):
-    from voiceprint.api import Recognizer
+    from voiceprint.serving.api import Recognizer
 
     onnx, keras_run = Recognizer(bundle, backend="onnx"), Recognizer(bundle, backend="keras")
     assert (onnx.backend, onnx.feature_engine) == ("onnx", "numpy")
@@ -172,7 +172,7 @@ def test_the_onnx_file_is_checked_like_the_others(bundle, tmp_path):
 
 
 def test_a_bundle_without_onnx_runs_on_keras_and_says_so_when_onnx_is_asked(model, tmp_path):
-    from voiceprint.bundle import add_onnx, save_bundle
+    from voiceprint.serving.bundle import add_onnx, save_bundle
 
     old = save_bundle(tmp_path / "old", model, system="head", features=FEATURES, thresholds=THRESHOLDS,
                       evaluation={"eer": 0.1})
@@ -187,7 +187,7 @@ def test_a_bundle_without_onnx_runs_on_keras_and_says_so_when_onnx_is_asked(mode
 
 def test_a_mismatched_export_is_refused(model, bundle):
     keras = pytest.importorskip("keras")
-    from voiceprint.export import ExportMismatchError, check_onnx
+    from voiceprint.serving.export import ExportMismatchError, check_onnx
     from voiceprint.models import build_rescnn
 
     keras.utils.set_random_seed(1)
@@ -224,7 +224,7 @@ from voiceprint import Recognizer
 rec = Recognizer(sys.argv[1], backend="onnx")
 emb = rec.embed_files(sys.argv[2:4])
 result = rec.verify(sys.argv[2], sys.argv[3])
-from voiceprint.cli import main
+from voiceprint.serving.cli import main
 code = main(["verify", sys.argv[2], sys.argv[3], "--model", sys.argv[1], "--json", "--quiet"])
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
 print(json.dumps({{"backend": rec.backend, "dim": emb.shape[1], "cli": code, "heavy": heavy}}))
@@ -236,19 +236,19 @@ print(json.dumps({{"backend": rec.backend, "dim": emb.shape[1], "cli": code, "he
 
 
 def test_import_voiceprint_recognizer_is_lazy():
-    done = _run_isolated("import sys, voiceprint; assert 'voiceprint.api' not in sys.modules; "
+    done = _run_isolated("import sys, voiceprint; assert 'voiceprint.serving.api' not in sys.modules; "
                          "from voiceprint import Recognizer; print(Recognizer.__module__, "
                          "sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'onnxruntime'}))")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["voiceprint.api", "[]"]
+    assert done.stdout.split() == ["voiceprint.serving.api", "[]"]
 
 
 # ------------------------------------------------------------------------------ the shipped model
 
 def test_the_shipped_model_has_an_onnx_twin_that_agrees(audio):
     pytest.importorskip("keras")
-    from voiceprint.api import Recognizer
-    from voiceprint.pretrained import SHIPPED, describe
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.serving.pretrained import SHIPPED, describe
 
     assert "model.onnx" in describe()["sha256"]
     onnx, keras_run = Recognizer(SHIPPED), Recognizer(SHIPPED, backend="keras")

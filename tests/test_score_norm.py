@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from voiceprint import score_norm as N
-from voiceprint.evaluation import as_norm_scores, cosine_scores
+from voiceprint.evaluation import score_norm as N
+from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores
 
 # Four cohort speakers on the axes of the plane.
 COHORT = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float64)

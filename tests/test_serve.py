@@ -18,12 +18,12 @@ import pytest
 keras = pytest.importorskip("keras")
 aiohttp = pytest.importorskip("aiohttp")
 
-from voiceprint import api, cli  # noqa: E402
-from voiceprint.bundle import save_bundle  # noqa: E402
-from voiceprint.corpus.synthetic import generate  # noqa: E402
+from voiceprint.serving import api, cli  # noqa: E402
+from voiceprint.serving.bundle import save_bundle  # noqa: E402
+from voiceprint.data.corpus.synthetic import generate  # noqa: E402
 from voiceprint.models import build_rescnn  # noqa: E402
-from voiceprint.registry import Registry  # noqa: E402
-from voiceprint.serve import BackgroundServer, Limits, check_binding, create_app  # noqa: E402
+from voiceprint.serving.registry import Registry  # noqa: E402
+from voiceprint.serving.serve import BackgroundServer, Limits, check_binding, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = {"kind": "logmel_cmn", "vad": "original", "sample_rate": 16000, "num_bands": 64, "min_seconds": 0.5,
@@ -294,7 +294,7 @@ def test_non_loopback_binding_needs_a_token(capsys):
 
 def test_voiceprint_serve_command_answers_and_stops_on_sigterm(setup, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "VOICEPRINT_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "voiceprint.cli", "serve", "--port", "0", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "voiceprint.serving.cli", "serve", "--port", "0", "--json",
                              "--model", str(setup["bundle"]), "--registry", str(tmp_path / "reg.sqlite")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from voiceprint.splits import SplitError, make_trials, split_utterances
+from voiceprint.data.splits import SplitError, make_trials, split_utterances
 
 
 def index(speakers=10, per=5, extra=None):

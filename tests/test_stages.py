@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from voiceprint.corpus import synthetic
+from voiceprint.data.corpus import synthetic
 
 
 def run_stage(name, cwd):
@@ -205,9 +205,9 @@ def test_folder_source_lists_what_it_leaves_out(tmp_path):
 
 
 def test_run_stage_reports_project_errors_in_one_line_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
-    from voiceprint.errors import DataError, VoiceprintError
-    from voiceprint.stage import TRACEBACK_ENV_VAR, run_stage as run
-    from voiceprint.store import UnknownUtteranceError
+    from voiceprint.core.errors import DataError, VoiceprintError
+    from voiceprint.core.stage import TRACEBACK_ENV_VAR, run_stage as run
+    from voiceprint.data.store import UnknownUtteranceError
 
     def fails_with(exc):
         def main():
@@ -233,15 +233,15 @@ def test_run_stage_reports_project_errors_in_one_line_and_keeps_tracebacks_of_bu
 
 
 def test_expected_errors_are_project_errors_and_still_the_builtin_ones():
-    from voiceprint.api import InputError
-    from voiceprint.audio import AudioError
-    from voiceprint.bundle import BundleError, ModelNotFoundError, ThresholdError
-    from voiceprint.errors import MissingFileError, VoiceprintError
-    from voiceprint.fetch import FetchError
-    from voiceprint.original_h5 import CheckpointError
-    from voiceprint.params import ParamsError
-    from voiceprint.registry import RegistryError
-    from voiceprint.splits import SplitError
+    from voiceprint.serving.api import InputError
+    from voiceprint.data.audio import AudioError
+    from voiceprint.serving.bundle import BundleError, ModelNotFoundError, ThresholdError
+    from voiceprint.core.errors import MissingFileError, VoiceprintError
+    from voiceprint.data.fetch import FetchError
+    from voiceprint.training.original_h5 import CheckpointError
+    from voiceprint.core.params import ParamsError
+    from voiceprint.serving.registry import RegistryError
+    from voiceprint.data.splits import SplitError
 
     for cls in (ParamsError, AudioError, SplitError, InputError, CheckpointError, BundleError, ThresholdError,
                 FetchError):
@@ -280,7 +280,7 @@ def test_training_stages_depend_on_the_init_checkpoint_file_they_read_not_the_fo
 
 
 def test_no_init_checkpoint_means_none():
-    from voiceprint.original_h5 import init_checkpoint_path
+    from voiceprint.training.original_h5 import init_checkpoint_path
 
     assert init_checkpoint_path("checkpoints/none", "softmax.init_checkpoint") is None
     assert init_checkpoint_path("", "softmax.init_checkpoint") is None

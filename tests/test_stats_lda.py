@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voiceprint.stats_lda import StatsLda, StatsLdaError, fit_stats_lda, load_stats_lda
+from voiceprint.evaluation.stats_lda import StatsLda, StatsLdaError, fit_stats_lda, load_stats_lda
 
 
 def _two_speakers():
@@ -82,10 +82,10 @@ def test_fit_refuses_what_it_cannot_fit():
 
 def test_bundle_with_statistics_branch_embeds_jointly(tmp_path):
     keras = pytest.importorskip("keras")
-    from voiceprint import api
-    from voiceprint.bundle import BundleError, load_bundle, save_bundle
-    from voiceprint.corpus.synthetic import generate
-    from voiceprint.embedding import embed_features
+    from voiceprint.serving import api
+    from voiceprint.serving.bundle import BundleError, load_bundle, save_bundle
+    from voiceprint.data.corpus.synthetic import generate
+    from voiceprint.core.embedding import embed_features
     from voiceprint.features import featurize_file
     from voiceprint.models import build_rescnn
 

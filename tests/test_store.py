@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from voiceprint.store import FeatureStore, StoreWriter
+from voiceprint.data.store import FeatureStore, StoreWriter
 
 
 def test_roundtrip_and_crops(tmp_path):
@@ -146,7 +146,7 @@ def test_position_names_unknown_and_duplicated_ids(tmp_path):
 
 
 def test_shard_info_is_kept_for_up_to_date_checks(tmp_path):
-    from voiceprint.store import shard_entries
+    from voiceprint.data.store import shard_entries
 
     assert shard_entries(tmp_path) == []
     _write(tmp_path, _utterances(2), shard="a", shard_info={"manifest_sha1": "abc"})
@@ -158,7 +158,7 @@ def test_shard_info_is_kept_for_up_to_date_checks(tmp_path):
 
 
 def test_a_store_records_its_feature_settings_and_reads_them_back(tmp_path):
-    from voiceprint.contracts import FeatureParams
+    from voiceprint.core.contracts import FeatureParams
     from voiceprint.features import FeatureSettings
 
     settings = FeatureParams(kind="fbank_norm", min_seconds=1.5, vad="energy").settings(sample_rate=8000,

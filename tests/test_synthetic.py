@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from voiceprint.corpus import synthetic
-from voiceprint.corpus.synthetic import SAMPLE_RATE, generate, speaker_traits
+from voiceprint.data.corpus import synthetic
+from voiceprint.data.corpus.synthetic import SAMPLE_RATE, generate, speaker_traits
 
 TINY = dict(num_speakers=3, utterances_per_speaker=2, min_seconds=1.0, max_seconds=1.5, seed=7)
 COLUMNS = ["path", "speaker", "utterance", "duration", "sample_rate"]

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from voiceprint.contracts import HeadSettings, SoftmaxSettings, TripletSettings
-from voiceprint.runtime import configure_tensorflow
-from voiceprint.store import FeatureStore, StoreWriter
+from voiceprint.core.contracts import HeadSettings, SoftmaxSettings, TripletSettings
+from voiceprint.core.runtime import configure_tensorflow
+from voiceprint.data.store import FeatureStore, StoreWriter
 
 TINY_MODEL = dict(filters=[4, 8, 8, 8], blocks=1, embedding_dim=8, frames=32, dropout=0.1)
 
@@ -35,7 +35,7 @@ def _weights(model):
 
 
 def test_softmax_training_is_reproducible(tiny):
-    from voiceprint.training import train_softmax
+    from voiceprint.training.fit import train_softmax
 
     store, split = tiny
     runs = []
@@ -54,7 +54,7 @@ def test_softmax_training_is_reproducible(tiny):
 
 
 def test_triplet_and_head_training(tiny):
-    from voiceprint.training import train_head, train_softmax, train_triplet
+    from voiceprint.training.fit import train_head, train_softmax, train_triplet
 
     store, split = tiny
     configure_tensorflow(1)
@@ -88,7 +88,7 @@ HEAD = dict(units=8, layers=1, dropout=0.1, output_dim=4, contexts=[[-1, 0, 1], 
 
 
 def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny):
-    from voiceprint.training import train_head, train_softmax
+    from voiceprint.training.fit import train_head, train_softmax
 
     store, split = tiny
     configure_tensorflow(2)
@@ -115,8 +115,8 @@ def test_head_training_is_reproducible_and_trunk_training_moves_only_a_copy(tiny
 
 def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
     from voiceprint.models import build_rescnn
-    from voiceprint.original_h5 import export_original_weights
-    from voiceprint.training import train_softmax
+    from voiceprint.training.original_h5 import export_original_weights
+    from voiceprint.training.fit import train_softmax
 
     store, split = tiny
     configure_tensorflow(3)
@@ -131,7 +131,7 @@ def test_softmax_starts_from_an_original_format_checkpoint(tiny, tmp_path):
 
 
 def test_speaker_batches_without_shuffle_are_the_same_every_epoch(tiny):
-    from voiceprint.batching import SpeakerBatches, VectorSpeakerBatches
+    from voiceprint.training.batching import SpeakerBatches, VectorSpeakerBatches
 
     store, split = tiny
     rows = split[split.role == "train"]
@@ -162,7 +162,7 @@ def test_speaker_batches_without_shuffle_are_the_same_every_epoch(tiny):
 
 
 def test_triplet_validation_batches_are_fixed_across_epochs(tiny, monkeypatch):
-    import voiceprint.training as T
+    import voiceprint.training.fit as T
 
     store, split = tiny
     seen = {}
@@ -192,7 +192,7 @@ def test_triplet_validation_batches_are_fixed_across_epochs(tiny, monkeypatch):
 
 
 def test_aam_softmax_pretraining_trains_a_cosine_classifier(tiny):
-    from voiceprint.training import train_softmax
+    from voiceprint.training.fit import train_softmax
 
     store, split = tiny
     configure_tensorflow(3)

@@ -1,4 +1,5 @@
-"""Standard trial lists (voiceprint.trials) and ``voiceprint score``: both formats, missing entries counted and
+"""Standard trial lists (voiceprint.evaluation.trials) and ``voiceprint score``: both formats, missing entries counted
+and
 listed, scores as the evaluate stage computes them."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from voiceprint import trials as T
+from voiceprint.evaluation import trials as T
 
 KALDI = """u1 u2 target
 u1 u3 nontarget
@@ -97,7 +98,7 @@ def audio(tmp_path_factory):
     """3 speakers x 3 synthetic utterances and one unusable (too short) file."""
     import soundfile as sf
 
-    from voiceprint.corpus.synthetic import generate
+    from voiceprint.data.corpus.synthetic import generate
 
     root = tmp_path_factory.mktemp("audio")
     manifest = generate(root, num_speakers=3, utterances_per_speaker=3, min_seconds=1.0, max_seconds=1.5, seed=0)
@@ -107,8 +108,8 @@ def audio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from voiceprint.bundle import save_bundle
-    from voiceprint.calibration import LlrCalibration
+    from voiceprint.serving.bundle import save_bundle
+    from voiceprint.evaluation.calibration import LlrCalibration
     from voiceprint.models import build_rescnn
 
     keras.utils.set_random_seed(0)
@@ -131,10 +132,10 @@ def _all_pairs(manifest):
 
 
 def test_score_trial_list_scores_as_evaluate_and_reports_missing(audio, bundle, tmp_path):
-    from voiceprint import metrics
-    from voiceprint.api import Recognizer
-    from voiceprint.calibration import cllr
-    from voiceprint.evaluation import cosine_scores
+    from voiceprint.evaluation import metrics
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.evaluation.calibration import cllr
+    from voiceprint.evaluation.scoring import cosine_scores
 
     root, manifest = audio
     rows = _all_pairs(manifest)
@@ -163,7 +164,7 @@ def test_score_trial_list_scores_as_evaluate_and_reports_missing(audio, bundle, 
 
 
 def test_cli_score_both_formats_json_and_tsv(audio, bundle, tmp_path, capsys):
-    from voiceprint import cli
+    from voiceprint.serving import cli
 
     root, manifest = audio
     rows = _all_pairs(manifest)
@@ -191,8 +192,8 @@ def test_cli_score_both_formats_json_and_tsv(audio, bundle, tmp_path, capsys):
 
 
 def test_cli_verify_and_identify_at_a_prior(audio, bundle, tmp_path, capsys):
-    from voiceprint import cli
-    from voiceprint.bundle import load_bundle
+    from voiceprint.serving import cli
+    from voiceprint.serving.bundle import load_bundle
 
     root, manifest = audio
     a, b = str(root / manifest.path[0]), str(root / manifest.path[1])
@@ -228,13 +229,14 @@ def test_score_matches_evaluate_eer_on_librispeech_mini_pairs(shared_dir, tmp_pa
     evaluate stage's path gives on the same pairs: features stored as the mfcc stage stores them (float16 feature
     store), embedded by ``embed_utterances``, scored by ``evaluation.cosine_scores`` / ``as_norm_scores`` and
     ``metrics.score_summary``. A subset (4 speakers x 3 files, 66 trials) keeps it fast; the pairs are the same."""
-    from voiceprint import cli, metrics
-    from voiceprint.api import Recognizer
-    from voiceprint.embedding import embed_utterances
-    from voiceprint.evaluation import as_norm_scores, cosine_scores
+    from voiceprint.serving import cli
+    from voiceprint.evaluation import metrics
+    from voiceprint.serving.api import Recognizer
+    from voiceprint.core.embedding import embed_utterances
+    from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores
     from voiceprint.features import featurize_file
-    from voiceprint.pretrained import SHIPPED
-    from voiceprint.store import FeatureStore, StoreWriter
+    from voiceprint.serving.pretrained import SHIPPED
+    from voiceprint.data.store import FeatureStore, StoreWriter
 
     root = shared_dir / "data/librispeech-mini/LibriSpeech"
     if not root.is_dir():

@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from voiceprint import portable_math as pm
+from voiceprint.core import portable_math as pm
 from voiceprint.features.framing import NFFT
 from voiceprint.features.kernels import _sparse_bands
 

@@ -21,7 +21,7 @@ import importlib.util
 
 import numpy as np
 
-from voiceprint import portable_math as pm
+from voiceprint.core import portable_math as pm
 
 # ---------------------------------------------------------------------------
 # Engines: numba kernels, compiled lazily, or numpy

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from voiceprint import portable_math as pm
+from voiceprint.core import portable_math as pm
 from voiceprint.features import kernels
 from voiceprint.features.filterbanks import _hann, _librosa_mel, _ones, _psf_bands
 from voiceprint.features.framing import NFFT, _frame_params, num_frames

@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from voiceprint import portable_math as pm
+from voiceprint.core import portable_math as pm
 from voiceprint.features.filterbanks import _hann, _librosa_mel
 from voiceprint.features.kernels import _band_energies
 
@@ -59,7 +59,7 @@ def _dct_ortho(n_in: int, n_out: int) -> np.ndarray:
     """(n_in, n_out): x @ it = scipy.fft.dct(x, type=2, norm='ortho')[..., :n_out] (what librosa.feature.mfcc uses),
     to within 2e-15 (tested). Written out with portable_math's cosine rather than taken from scipy: the same bits on
     every CPU, and the runtime (which needs the statistics for a bundle with a statistics branch) needs no scipy."""
-    from voiceprint import portable_math
+    from voiceprint.core import portable_math
 
     n, k = np.arange(n_in, dtype=np.float64)[:, None], np.arange(n_out, dtype=np.float64)[None, :]
     matrix = portable_math.cos(np.pi * (2.0 * n + 1.0) * k / (2.0 * n_in))

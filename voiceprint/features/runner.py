@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from voiceprint.audio import AudioError, ChunkedAudio, decode, open_audio
-from voiceprint.errors import WorkerDiedError
+from voiceprint.data.audio import AudioError, ChunkedAudio, decode, open_audio
+from voiceprint.core.errors import WorkerDiedError
 from voiceprint.features.framing import FRAME_LEN, _FrameCutter, _frame_params, _select, num_frames
 from voiceprint.features.kinds import FEATURE_KINDS, _check_kind
 from voiceprint.features.mfcc import (MFCC_BANDS, MFCC_HOP, MFCC_N_FFT, MFCC_TOP_DB, _dct_ortho, _dct_rows,
@@ -142,7 +142,7 @@ def featurize_file(
 
     load_audio -> VAD (``vad``: ``original`` = trim_silence_original, ``energy`` = vad_energy) ->
     (FEATURE_KINDS[kind], mfcc_stats).  ``min_seconds`` applies to the decoded audio, before the VAD;
-    ``max_clipped_fraction`` as in :func:`voiceprint.audio.load_audio` (None: no check).
+    ``max_clipped_fraction`` as in :func:`voiceprint.data.audio.load_audio` (None: no check).
 
     A file longer than ``long_file_seconds`` (by its header; None: :data:`LONG_FILE_SECONDS`) is decoded and
     featurized in chunks of ``chunk_seconds`` (None: :data:`CHUNK_SECONDS`), never holding more than one chunk of
@@ -155,7 +155,7 @@ def featurize_file(
 
     Raises:
         ValueError: unknown ``kind`` or ``vad`` (checked before decoding).
-        AudioError: whatever :func:`voiceprint.audio.load_audio` rejects; reason ``no_speech`` when the energy
+        AudioError: whatever :func:`voiceprint.data.audio.load_audio` rejects; reason ``no_speech`` when the energy
             VAD finds none; reason ``too_short`` when the VAD leaves fewer than 2 frames (<= 400 samples at
             16 kHz): a single, zero-padded frame is not a usable utterance (and the trim can shrink a file a lot).
     """
@@ -189,7 +189,7 @@ def _speech(y: np.ndarray, path, sample_rate: int, vad: str) -> np.ndarray:
 
 def featurize_signal(y: np.ndarray, kind: str, sample_rate: int = 16000, *, vad: str = "original",
                      name: str = "<array>", with_stats: bool = False):
-    """Features of a signal already loaded and checked (:func:`voiceprint.audio.load_signal` / ``load_bytes``):
+    """Features of a signal already loaded and checked (:func:`voiceprint.data.audio.load_signal` / ``load_bytes``):
     the model-input half of :func:`featurize_file` (VAD, then ``kind``), with the same errors naming ``name``.
     ``with_stats``: ``(features, mfcc_stats)`` as :func:`featurize_file` returns (the statistics cost a second
     pass, so only callers that use them ask)."""

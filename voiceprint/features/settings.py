@@ -1,9 +1,9 @@
 """How a run's features are made: one :class:`FeatureSettings`, from the params to the served model.
 
-The mfcc stage builds it from its params contract (:meth:`voiceprint.contracts.FeatureParams.settings`) and
+The mfcc stage builds it from its params contract (:meth:`voiceprint.core.contracts.FeatureParams.settings`) and
 writes it into the feature store's metadata (:meth:`FeatureSettings.store_meta`); the evaluate stage reads it back
 from the store (:meth:`FeatureSettings.from_store`), adds the embedding windows, and the bundle saves it
-(:meth:`FeatureSettings.to_dict`, ``thresholds.json``'s ``features``; :func:`voiceprint.bundle.parse_features`
+(:meth:`FeatureSettings.to_dict`, ``thresholds.json``'s ``features``; :func:`voiceprint.serving.bundle.parse_features`
 validates it); the API featurizes with it (:meth:`FeatureSettings.featurize_kwargs`). The two formats on disk are
 unchanged, so every existing store and bundle reads as before.
 """

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from voiceprint import portable_math as pm
+from voiceprint.core import portable_math as pm
 from voiceprint.features import kernels
 from voiceprint.features.framing import _round_half_up
 

@@ -89,7 +89,7 @@ def split_base_and_head(embeddings, base_dim: int):
 def fuse_models(base: keras.Model, head: keras.Model, base_weight: float, tap: str = "embedding", *,
                 head_trunk=None, name: str = "fused") -> keras.Model:
     """One model whose output is the fused embedding [sqrt(w) base(x), sqrt(1 - w) ln(head(tap(x)))]: its cosine
-    is w cos_base + (1 - w) cos_head (see ``voiceprint.evaluation.fuse``). One trunk pass feeds both parts
+    is w cos_base + (1 - w) cos_head (see ``voiceprint.evaluation.scoring.fuse``). One trunk pass feeds both parts
     (two only when the head has its own trained ``head_trunk``). Built from standard layers only, so it loads in
     Keras safe mode."""
     inputs = keras.Input(base.input_shape[1:], name="input")

@@ -7,7 +7,7 @@ reshaped to (time, freq*channels), averaged over time, projected by Dense ``affi
 Time is left unspecified, so one model embeds crops and whole utterances alike.
 
 Names matter: original checkpoints load by layer name (the names of the original's ``deep_speaker/conv_models.py``,
-https://github.com/philipperemy/deep-speaker; ``voiceprint/original_h5.py`` reads them).
+https://github.com/philipperemy/deep-speaker; ``voiceprint/training/original_h5.py`` reads them).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 import keras
 from keras import layers
 
-from voiceprint.errors import DataError
+from voiceprint.core.errors import DataError
 
 CLIP_VALUE = 20.0          # clipped ReLU min(max(x, 0), 20)
 CONV_L2 = 1e-4             # the original's kernel regulariser on every Conv2D

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from voiceprint.errors import DataError
+from voiceprint.core.errors import DataError
 from voiceprint.models.heads import TAPS, attach_head, base_and_head, fuse_models
 
 HEAD_FILE = "head.keras"
@@ -46,7 +46,7 @@ class TrainedHead:
 
 def save_head(directory: str | Path, trained: TrainedHead) -> Path:
     """Write ``directory`` (head.keras, head.json, trunk.keras only for a trained trunk) atomically."""
-    from voiceprint.outputs import atomic_path, save_keras_model
+    from voiceprint.core.outputs import atomic_path, save_keras_model
 
     directory = Path(directory)
     with atomic_path(directory) as tmp:
@@ -61,8 +61,8 @@ def save_head(directory: str | Path, trained: TrainedHead) -> Path:
 
 def load_head(directory: str | Path) -> TrainedHead:
     """Read what :func:`save_head` wrote (Keras safe mode), with errors naming the file and the reason."""
-    from voiceprint.errors import MissingFileError
-    from voiceprint.runtime import load_model
+    from voiceprint.core.errors import MissingFileError
+    from voiceprint.core.runtime import load_model
 
     directory = Path(directory)
     meta_file = directory / META_FILE
