@@ -156,7 +156,8 @@ def test_repro_then_experiments_rerun_what_changed_and_a_head_change_moves_head_
 
 def _trunks(model_file: Path) -> int:
     """How many ResCNN trunks a saved model holds: copies of the trunk's first convolution, at any nesting."""
-    first_conv = f"conv{TINY['softmax']['filters'][0]}-s"
+    filters = TINY["softmax"]["filters"]
+    first_conv = f"conv{filters[0]}-s" + ("1" if len(set(filters)) < len(filters) else "")  # numbered if repeated
 
     def layers(node):
         if isinstance(node, dict):
