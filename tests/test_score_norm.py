@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from voiceprint.core.embedding import unit_rows
 from voiceprint.evaluation import score_norm as N
 from voiceprint.evaluation.scoring import as_norm_scores, cosine_scores
 
@@ -28,7 +29,7 @@ def test_hand_computed_case():
 def random_case():
     rng = np.random.default_rng(0)
     e, t, cohort = rng.normal(size=(5, 8)), rng.normal(size=(5, 8)), rng.normal(size=(30, 8))
-    s = np.einsum("ij,ij->i", N._unit(e), N._unit(t))
+    s = np.einsum("ij,ij->i", unit_rows(e, np.float64), unit_rows(t, np.float64))
     return s, e, t, cohort
 
 
@@ -55,15 +56,15 @@ def test_only_the_nearest_cohort_speakers_count(random_case):
     np.testing.assert_allclose(N.as_norm(s, e, t, cohort[::-1], 7), ref, atol=1e-12)   # order is irrelevant
     # An impostor far from everyone (below each row's 7th-best cohort score) changes nothing: the normalisation
     # adapts to the speakers a threshold has to reject, not to the whole population.
-    rows = N._unit(np.vstack([e, t]))
+    rows = unit_rows(np.vstack([e, t]), np.float64)
     far = -rows.sum(axis=0, keepdims=True)
-    seventh = np.sort(rows @ N._unit(cohort).T, axis=1)[:, -7]
-    assert ((rows @ N._unit(far).T)[:, 0] < seventh).all()
+    seventh = np.sort(rows @ unit_rows(cohort, np.float64).T, axis=1)[:, -7]
+    assert ((rows @ unit_rows(far, np.float64).T)[:, 0] < seventh).all()
     np.testing.assert_allclose(N.as_norm(s, e, t, np.vstack([cohort, far]), 7), ref, atol=1e-12)
     # ... while a near one does.
     assert not np.allclose(N.as_norm(s, e, t, np.vstack([cohort, e[:1]]), 7), ref)
     # With top_n = the cohort size it is the symmetric S-norm: statistics over the whole cohort.
-    full = N._unit(e) @ N._unit(cohort).T
+    full = unit_rows(e, np.float64) @ unit_rows(cohort, np.float64).T
     np.testing.assert_allclose(N.cohort_stats(e, cohort, 30), (full.mean(axis=1), full.std(axis=1)), atol=1e-12)
 
 

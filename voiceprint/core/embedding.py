@@ -54,6 +54,13 @@ def _compiled(model, num_bands: int):
     return per_model[num_bands]
 
 
+def unit_rows(x, dtype=None) -> np.ndarray:
+    """The rows of ``x`` (2-D; a 1-D vector is one row), each divided by its L2 norm; a zero row stays zero.
+    ``dtype``: convert first (e.g. float64 for scoring)."""
+    x = np.atleast_2d(np.asarray(x, dtype=dtype))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def windows(features: np.ndarray, window: int, hop: int) -> np.ndarray:
     """(n_windows, window, bands): windows every ``hop`` frames covering the utterance (the last one flush with
     the end); an utterance shorter than ``window`` is one window of its own length."""

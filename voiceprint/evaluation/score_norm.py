@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from voiceprint.core.embedding import unit_rows
+
 SCORE_NORMS = ("none", "as_norm")
 MIN_TOP_N = 2              # one cohort score has no spread
 _MIN_STD = 1e-8            # a zero spread only comes from identical cohort scores; this keeps scores finite
@@ -41,11 +43,6 @@ def check_top_n(top_n: int, cohort_size: int) -> int:
     return int(top_n)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def top_n_stats(cohort_scores: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and population std of each row's ``top_n`` highest scores: ((rows,), (rows,)).
 
@@ -59,7 +56,7 @@ def top_n_stats(cohort_scores: np.ndarray, top_n: int) -> tuple[np.ndarray, np.n
 
 def cohort_stats(embeddings: np.ndarray, cohort: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Each embedding's top-``top_n`` cohort statistics (cosine = dot product of L2-normalised rows)."""
-    emb, coh = _unit(embeddings), _unit(cohort)
+    emb, coh = unit_rows(embeddings, np.float64), unit_rows(cohort, np.float64)
     if emb.shape[1] != coh.shape[1]:
         raise ValueError(f"embeddings are {emb.shape[1]}-d but the cohort is {coh.shape[1]}-d")
     check_top_n(top_n, len(coh))
@@ -87,7 +84,7 @@ def as_norm(scores, enroll_emb: np.ndarray, test_emb: np.ndarray, cohort: np.nda
 
 def as_norm_matrix(enroll_emb: np.ndarray, test_emb: np.ndarray, cohort: np.ndarray, top_n: int) -> np.ndarray:
     """(len(enroll), len(test)) AS-normalised cosine scores of every enrolment row with every test row."""
-    e, t = _unit(enroll_emb), _unit(test_emb)
+    e, t = unit_rows(enroll_emb, np.float64), unit_rows(test_emb, np.float64)
     mu_e, sd_e = cohort_stats(e, cohort, top_n)
     mu_t, sd_t = cohort_stats(t, cohort, top_n)
     return normalise(e @ t.T, (mu_e[:, None], sd_e[:, None]), (mu_t[None, :], sd_t[None, :]))
@@ -100,13 +97,13 @@ def speaker_cohort(embeddings: np.ndarray, speakers) -> np.ndarray:
     with near-duplicates of one voice, and the statistics would measure that speaker rather than the impostor
     population; the mean also averages away the utterances' channel and content.
     """
-    emb = _unit(embeddings)
+    emb = unit_rows(embeddings, np.float64)
     names, inverse = np.unique(np.asarray(speakers).ravel(), return_inverse=True)
     if len(inverse) != len(emb):
         raise ValueError(f"speakers must have one entry per embedding, got {len(inverse)} and {len(emb)}")
     sums = np.zeros((len(names), emb.shape[1]))
     np.add.at(sums, inverse.ravel(), emb)
-    return _unit(sums).astype(np.float32)
+    return unit_rows(sums, np.float64).astype(np.float32)
 
 
 def pick_cohort_utterances(utterances, per_speaker: int, seed: int):

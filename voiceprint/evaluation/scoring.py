@@ -5,13 +5,14 @@ import numpy as np
 import pandas as pd
 
 from voiceprint.evaluation import metrics
+from voiceprint.core.embedding import unit_rows
 from voiceprint.core.errors import DataError
 
 
 def cosine_scores(embeddings: np.ndarray, utterances, trials: pd.DataFrame) -> np.ndarray:
     """Cosine similarity of each trial's two utterances; ``embeddings[i]`` belongs to ``utterances[i]``."""
     row = pd.Series(np.arange(len(utterances)), index=list(utterances))
-    emb = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    emb = unit_rows(embeddings)
     a = emb[row.loc[trials.enroll].to_numpy()]
     b = emb[row.loc[trials.test].to_numpy()]
     return np.einsum("ij,ij->i", a, b)
@@ -69,7 +70,7 @@ def fuse(base: np.ndarray, head: np.ndarray, fusion: str, weight: float = 0.5) -
     w = fusion_base_weight(fusion, weight)
     if w is None:
         return None
-    unit = [e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12) for e in (base, head)]
+    unit = [unit_rows(e) for e in (base, head)]
     return np.concatenate([np.sqrt(w) * unit[0], np.sqrt(1.0 - w) * unit[1]], axis=1).astype(np.float32)
 
 

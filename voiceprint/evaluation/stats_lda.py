@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voiceprint.core.embedding import unit_rows
 from voiceprint.core.errors import VoiceprintError
 
 STATS_BRANCHES = ("none", "lda")
@@ -30,11 +31,6 @@ _RIDGE = 1e-6   # relative to the within-class scatter's mean variance: keeps it
 
 class StatsLdaError(VoiceprintError, ValueError):
     """A statistics back-end that cannot be fitted or used (too few speakers, wrong shapes, bad file)."""
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -58,14 +54,14 @@ class StatsLda:
         stats = np.atleast_2d(np.asarray(stats, dtype=np.float64))
         if stats.shape[1] != self.input_dim:
             raise StatsLdaError(f"statistics are {stats.shape[1]}-d, the LDA projection takes {self.input_dim}-d")
-        return _unit((stats - self.mean) @ self.projection)
+        return unit_rows((stats - self.mean) @ self.projection, np.float64)
 
     def joint(self, embeddings: np.ndarray, stats: np.ndarray) -> np.ndarray:
         """(n, D) embeddings and (n, d) statistics -> (n, D + k) float32 unit vectors (see the module docstring)."""
         embeddings = np.atleast_2d(embeddings)
         if len(embeddings) != len(np.atleast_2d(stats)):
             raise StatsLdaError(f"{len(embeddings)} embeddings but {len(np.atleast_2d(stats))} statistics vectors")
-        return np.hstack([np.sqrt(1.0 - self.weight) * _unit(embeddings),
+        return np.hstack([np.sqrt(1.0 - self.weight) * unit_rows(embeddings, np.float64),
                           np.sqrt(self.weight) * self.project(stats)]).astype(np.float32)
 
     def save(self, path: str | Path) -> None:

@@ -81,9 +81,9 @@ def split_base_and_head(embeddings, base_dim: int):
     """The base and head parts of :func:`base_and_head` rows (also after averaging windows), each re-normalised."""
     import numpy as np
 
-    parts = (embeddings[:, :base_dim], embeddings[:, base_dim:])
-    return tuple((p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-                 for p in parts)
+    from voiceprint.core.embedding import unit_rows
+
+    return tuple(unit_rows(p).astype(np.float32) for p in (embeddings[:, :base_dim], embeddings[:, base_dim:]))
 
 
 def fuse_models(base: keras.Model, head: keras.Model, base_weight: float, tap: str = "embedding", *,

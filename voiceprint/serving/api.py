@@ -173,11 +173,9 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of the rows of ``a`` with the rows of ``b``: (len(a), len(b)), float64."""
-    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return a @ b.T
+    from voiceprint.core.embedding import unit_rows
+
+    return unit_rows(a, np.float64) @ unit_rows(b, np.float64).T
 
 
 def cluster_embeddings(embeddings: np.ndarray, *, threshold: float | None = None,
