@@ -609,11 +609,8 @@ def load_bundle(path: str | Path, *, features: dict | None = None, backend: str 
         for key in ("cohort_top_n", "cohort_sha256"):
             if key not in data:
                 raise _fail(source, key, "missing (score_norm is as_norm)")
-        cohort_file = path / COHORT_FILE
-        if not cohort_file.is_file():
-            raise BundleError(f"{path}: {COHORT_FILE} missing, but {calibration_file.name} has score_norm as_norm")
-        _check_file(cohort_file, _sha256(data["cohort_sha256"], source, "cohort_sha256"), "cohort_sha256",
-                    calibration_file)
+        cohort_file = _hashed_file(path, COHORT_FILE, data, "cohort_sha256", calibration_file,
+                                   because="score_norm as_norm")
         try:
             cohort = np.load(cohort_file, allow_pickle=False)
         except ValueError as exc:
@@ -627,11 +624,8 @@ def load_bundle(path: str | Path, *, features: dict | None = None, backend: str 
     if "stats_lda_sha256" in data:
         from voiceprint.evaluation.stats_lda import StatsLdaError, load_stats_lda
 
-        stats_file = path / STATS_LDA_FILE
-        if not stats_file.is_file():
-            raise BundleError(f"{path}: {STATS_LDA_FILE} missing, but {calibration_file.name} has stats_lda_sha256")
-        _check_file(stats_file, _sha256(data["stats_lda_sha256"], source, "stats_lda_sha256"), "stats_lda_sha256",
-                    calibration_file)
+        stats_file = _hashed_file(path, STATS_LDA_FILE, data, "stats_lda_sha256", calibration_file,
+                                  because="stats_lda_sha256")
         try:
             stats_lda = load_stats_lda(stats_file)
         except StatsLdaError as exc:
@@ -659,6 +653,15 @@ def _sha256(value, source: str, key: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
         raise _fail(source, key, f"expected 64 lowercase hex digits, got {value!r}")
     return value
+
+
+def _hashed_file(path: Path, name: str, data: dict, key: str, calibration_file: Path, *, because: str) -> Path:
+    """``path / name``, which the thresholds file requires (``because``) and whose sha256 it records as ``key``."""
+    file = path / name
+    if not file.is_file():
+        raise BundleError(f"{path}: {name} missing, but {calibration_file.name} has {because}")
+    _check_file(file, _sha256(data[key], str(calibration_file), key), key, calibration_file)
+    return file
 
 
 def _check_file(file: Path, expected: str, key: str, calibration_file: Path) -> None:
