@@ -4,8 +4,8 @@
     head.json     {"kind": ..., "tap": "embedding" | "frames", "trunk": null | "trunk.keras"}
     trunk.keras   only when the trunk was trained with the head (``tdnn.train_trunk``)
 
-The head of a frozen trunk is small (the dense head: 1.6 MB against the trunk's 3.4 MB) and holds no copy of the
-base model: base+head and fused systems are built with :func:`voiceprint.models.fuse_models` as ONE trunk pass
+The head of a frozen trunk is small (the default dense head: 2.2 MB against the trunk's 3.4 MB) and holds no copy
+of the base model: base+head and fused systems are built with :func:`voiceprint.models.fuse_models` as ONE trunk pass
 feeding both outputs, so a bundle carries one trunk, not two.
 """
 from __future__ import annotations
