@@ -45,6 +45,7 @@ import numpy as np
 
 from voiceprint.data.audio import AUDIO_EXTENSIONS, Audio
 from voiceprint.serving.bundle import Bundle, BundleError, file_sha256, load_bundle
+from voiceprint.core.embedding import unit_rows
 from voiceprint.core.errors import VoiceprintError
 from voiceprint.serving.registry import EnrollResult, Registry, SpeakerScore, rank_scores, rank_speakers
 from voiceprint.evaluation.score_norm import as_norm_matrix
@@ -173,8 +174,6 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of the rows of ``a`` with the rows of ``b``: (len(a), len(b)), float64."""
-    from voiceprint.core.embedding import unit_rows
-
     return unit_rows(a, np.float64) @ unit_rows(b, np.float64).T
 
 
