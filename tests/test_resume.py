@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +261,25 @@ def _stage_dir(root: Path) -> Path:
     return root
 
 
+# Runs the softmax stage and SIGKILLs it from inside, while it reads batch 1 of its second epoch: as the
+# out-of-memory killer would, but at a fixed point, so that the test does not race a busy machine's scheduler.
+KILL_MID_EPOCH = """
+import os, runpy, signal
+from voiceprint.training.batching import ClassificationBatches
+from voiceprint.training.fit import _train_counter
+
+read = ClassificationBatches.__getitem__
+
+def killed_mid_epoch(self, i):
+    if self.shuffle and self.epoch == _train_counter(1) and i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(self, i)
+
+ClassificationBatches.__getitem__ = killed_mid_epoch
+runpy.run_module("stages.softmax", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     straight, killed = _stage_dir(tmp_path / "straight"), _stage_dir(tmp_path / "killed")
     done = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=straight, env=stage_env(),
@@ -270,20 +288,12 @@ def test_softmax_stage_killed_mid_epoch_resumes_to_identical_outputs(tmp_path):
     assert not (straight / "models/resume").exists()      # removed once the outputs are written
 
     state_dir = killed / "models/resume/softmax"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while not (state_dir / STATE_FILE).exists():     # the first epoch is done ...
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)                            # ... and the second under way
-    finally:
-        proc.kill()
-        proc.wait()
+    (killed / "kill_mid_epoch.py").write_text(KILL_MID_EPOCH)
+    died = subprocess.run([sys.executable, "kill_mid_epoch.py"], cwd=killed, env=stage_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr
     epochs_done = _saved_epoch(state_dir)
-    assert 1 <= epochs_done < SOFTMAX_STAGE["epochs"] and not (killed / "models/softmax.keras").exists()
+    assert epochs_done == 1 and not (killed / "models/softmax.keras").exists()
 
     rerun = subprocess.run([sys.executable, "-m", "stages.softmax"], cwd=killed, env=stage_env(),
                            capture_output=True, text=True, timeout=600)
