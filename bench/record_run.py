@@ -12,11 +12,15 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from voiceprint.core.outputs import versions_path, write_text  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def record(run: Path, command: str, wall: str) -> dict:
-    metrics = {p.stem: json.loads(p.read_text()) for p in sorted((run / "metrics").glob("*.json")) if p.stem != "eval"}
+    evaluation = run / "metrics/eval.json"
+    metrics = {p.stem: json.loads(p.read_text()) for p in sorted(evaluation.parent.glob("*.json")) if p != evaluation}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=run, capture_output=True, text=True,
                             check=True).stdout.strip()
     return {
@@ -24,9 +28,9 @@ def record(run: Path, command: str, wall: str) -> dict:
         "commit": commit,
         "wall": wall,
         "params": yaml.safe_load((run / "params.yaml").read_text()),
-        "versions": json.loads((run / "versions/eval.json").read_text()),
+        "versions": json.loads(versions_path(evaluation).read_text()),
         "stage_metrics": metrics,
-        "eval": json.loads((run / "metrics/eval.json").read_text()),
+        "eval": json.loads(evaluation.read_text()),
     }
 
 
@@ -38,7 +42,7 @@ def main() -> None:
     parser.add_argument("--wall", default="", help="its wall time and what else shared the machine, as measured")
     args = parser.parse_args()
     out = RESULTS / f"{args.name}.json"
-    out.write_text(json.dumps(record(args.run, args.command, args.wall), indent=2, sort_keys=True) + "\n")
+    write_text(out, json.dumps(record(args.run, args.command, args.wall), indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
 
 
